@@ -1,0 +1,33 @@
+# Two commands do everything: `make demo` and `make test`. Both create .venv when missing and (re)install
+# normfold with its dev extras only when pyproject.toml or the constraints changed, so they are idempotent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.normfold-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-gpu lint bench clean
+
+$(STAMP): pyproject.toml constraints-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints-dev.txt -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/normfold demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+test-gpu: setup
+	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) normfold-report .pytest_cache

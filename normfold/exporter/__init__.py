@@ -1,0 +1,1 @@
+"""torch → ONNX export with opset checks and provenance."""

@@ -1,0 +1,1 @@
+"""Built-in zoo models (see :mod:`normfold.models.registry`)."""
