@@ -70,3 +70,14 @@ class NormfoldPass(ir.passes.InPlacePass, abc.ABC):
 
     def skipped(self, nodes: list[ir.Node] | tuple[ir.Node, ...], reason: str) -> None:
         self.ctx.events.append(RuleEvent(self.name, "skipped", tuple(n.name or "" for n in nodes), reason))
+
+
+PASS_REGISTRY: dict[str, type[NormfoldPass]] = {}
+
+
+def register_pass(cls: type[NormfoldPass]) -> type[NormfoldPass]:
+    """Class decorator: make a pass selectable by ``--passes NAME`` (names are unique)."""
+    if cls.name in PASS_REGISTRY:
+        raise ValueError(f"pass {cls.name!r} registered twice")
+    PASS_REGISTRY[cls.name] = cls
+    return cls
