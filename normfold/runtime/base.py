@@ -117,9 +117,7 @@ class Runner(abc.ABC):
                     f"expected a shape compatible with: {meta.describe()}"
                 )
             if arr.dtype != meta.dtype:
-                raise InputSpecError(
-                    f"input tensor: {meta.name} | received dtype {arr.dtype}; expected {meta.dtype}"
-                )
+                raise InputSpecError(f"input tensor: {meta.name} | received dtype {arr.dtype}; expected {meta.dtype}")
             out[meta.name] = arr
         return out
 

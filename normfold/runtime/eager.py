@@ -66,7 +66,5 @@ class TorchBackend(Backend):
     def load(self, onnx_path: str | Path, options: SessionOptions | None = None) -> Runner:
         raise UsageError("the torch backend runs the PyTorch model itself; pass a model reference (--model)")
 
-    def load_module(
-        self, module: nn.Module, inputs: list[TensorMeta], output_names: Sequence[str] = ()
-    ) -> TorchRunner:
+    def load_module(self, module: nn.Module, inputs: list[TensorMeta], output_names: Sequence[str] = ()) -> TorchRunner:
         return TorchRunner(module, inputs, output_names)

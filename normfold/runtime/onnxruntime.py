@@ -89,9 +89,7 @@ def create_session(
 
 def tensor_metas(args: list[Any]) -> list[TensorMeta]:
     """NodeArg list (``session.get_inputs()``) → :class:`TensorMeta` list."""
-    return [
-        TensorMeta(a.name, tuple(a.shape), _ORT_TYPES.get(a.type, np.dtype(np.float32))) for a in args
-    ]
+    return [TensorMeta(a.name, tuple(a.shape), _ORT_TYPES.get(a.type, np.dtype(np.float32))) for a in args]
 
 
 class OrtRunner(Runner):
