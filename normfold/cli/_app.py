@@ -44,8 +44,26 @@ def setup_logging(verbose: bool) -> None:
     handler = RichHandler(console=err, show_path=False, show_time=False, markup=False)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    for noisy in ("torch", "onnxscript", "onnx_ir", "matplotlib", "PIL", "ray"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    quiet_third_party(verbose)
+
+
+def quiet_third_party(verbose: bool = False) -> None:
+    """torch.onnx logs warnings (missing torchvision ops, opset notes) through its own handlers."""
+    import torch.onnx  # noqa: F401  (its import configures torch's loggers; override after it)
+
+    level = logging.DEBUG if verbose else logging.ERROR
+    for noisy in (
+        "torch",
+        "torch.onnx",
+        "torch.onnx._internal.exporter._registration",
+        "torch.onnx._internal.exporter._compat",
+        "onnxscript",
+        "onnx_ir",
+        "matplotlib",
+        "PIL",
+        "ray",
+    ):
+        logging.getLogger(noisy).setLevel(level)
 
 
 @app.callback()
