@@ -1,0 +1,886 @@
+"""Per-layer numerics: every ``nn.Module`` output against the ONNX value that carries it.
+
+Eager side
+    A forward hook on every module records each call's output (tuple/list/dict outputs flattened in
+    torch.onnx order) in the order the calls *finish*, under ``torch.inference_mode`` on deep copies of
+    the inputs. Tensors are cloned in the hook, so an in-place op later in the model (``ReLU(inplace)``)
+    cannot rewrite what was recorded. The identity of every tensor is kept during the run, which tells
+    which earlier layer (or graph input) fed each call.
+
+ONNX side
+    Provenance (:func:`normfold.exporter.provenance.module_path`) names the module of every node. The
+    value carrying a module's output is the first output of the **last** node (topological order) whose
+    path is the module or one of its descendants; its static shape must agree with the hooked tensor
+    (otherwise a later value of the same module that leaves it and has the right shape is taken, and
+    failing that the layer is "shape mismatch"). A module called ``k`` times (a shared ``ReLU``) owns
+    ``k`` connected groups of nodes, matched to its calls in order. In an optimized graph a Conv that
+    absorbed a BatchNorm points at the BN module, so the conv module owns no node: when a node of a
+    later sibling consumes the conv's input, the conv is *fused into* that sibling (which is still
+    compared, so the fused computation is checked); when it belongs to an ancestor the module is
+    *inlined into a fused op*. Every other module without a value is listed with the reason.
+
+    The matched values become extra graph outputs of a **copy** of the model and the backend runs
+    **once** for all layers. Only module-boundary values are exposed, so the fusions normfold put in the
+    file are untouched. A runtime may still decline one of its *own* fusions across an exposed value
+    (ORT's Conv+Relu → FusedConv); that changes which kernel runs, not what the graph computes.
+
+Tolerance along depth
+    A layer passes when ``|a-b| <= atol_eff + rtol·|b|`` element-wise (plus the precision's cosine floor)
+    with ``atol_eff = atol + rtol·max|ref_layer|`` (:func:`layer_tolerance`). Why the magnitude, not a
+    depth factor: the rounding error of a correct graph is relative to the size of the values being
+    summed, not to each element: an element that cancels to ~0 inside a layer whose values reach 50
+    carries the absolute error of a 50, and the plain ``atol`` (meant for outputs of order 1) would flag
+    it. Measured on the zoo (benchmarks/per_layer_cost.py prints it), a correct fp32 graph stays below
+    ~1e-6·max|ref| at every layer with no trend along depth, while a 1 % weight fault moves a layer by
+    ~1e-2·max|ref|; ``rtol·max|ref| = 1e-4·max|ref|`` sits between the two with two decades of margin
+    on each side. A ``sqrt(depth)`` factor was not needed for the depths normfold targets and would
+    only blunt detection in deep layers. Every layer's effective tolerance is in the report.
+
+First divergence
+    The first layer in execution order that fails. Hooks fire when a call finishes, so children come
+    before their parent and the innermost module that went wrong is named, not the block around it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from normfold.errors import InputSpecError, OnnxLoadError
+from normfold.exporter.provenance import module_path
+from normfold.io import load_onnx
+from normfold.numerics.metrics import TensorMetrics, compare_tensors
+from normfold.numerics.tolerances import Tolerance
+from normfold.runtime.base import Backend, SessionOptions
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FirstDivergence",
+    "LayerReport",
+    "LayerResult",
+    "LayerStatus",
+    "compare_layers",
+    "layer_tolerance",
+]
+
+LayerStatus = Literal["pass", "fail", "fused", "unmatched"]
+
+#: Reasons an executed layer has no compared value (JSON ``reason_kind``).
+REASON_NO_COUNTERPART = "no ONNX counterpart"
+REASON_INLINED = "inlined into a fused op"
+REASON_NON_TENSOR = "non-tensor output"
+REASON_SHAPE = "shape mismatch"
+REASON_NOT_CALLED = "never called"
+REASON_CALLS = "calls not separable"
+
+_ROOT_LABEL = "<root>"
+
+
+def layer_tolerance(tol: Tolerance, reference: np.ndarray) -> Tolerance:
+    """The tolerance of one layer: ``atol + rtol·max|ref_layer|`` absolute, ``rtol`` relative (see module doc)."""
+    ref = np.asarray(reference)
+    if ref.size and np.issubdtype(ref.dtype, np.number):
+        finite = np.abs(ref[np.isfinite(ref)]) if np.issubdtype(ref.dtype, np.floating) else np.abs(ref)
+        magnitude = float(finite.max()) if finite.size else 0.0
+    else:
+        magnitude = 0.0
+    return Tolerance(atol=tol.atol + tol.rtol * magnitude, rtol=tol.rtol, min_cosine=tol.min_cosine)
+
+
+@dataclass
+class LayerResult:
+    """One output of one module call, and how its ONNX counterpart compares with it."""
+
+    name: str
+    module: str
+    module_type: str
+    call: int
+    output_index: int
+    order: int
+    depth: int
+    status: LayerStatus
+    reason: str = ""
+    reason_kind: str = ""
+    fused_into: str | None = None
+    onnx_node: str | None = None
+    onnx_value: str | None = None
+    op_type: str | None = None
+    shape: tuple[int, ...] = ()
+    tolerance: Tolerance | None = None
+    metrics: TensorMetrics | None = None
+    inputs_from: list[str] = field(default_factory=list)
+    absorbed: list[str] = field(default_factory=list)
+
+    @property
+    def matched(self) -> bool:
+        return self.status in ("pass", "fail")
+
+    @property
+    def max_abs(self) -> float | None:
+        return None if self.metrics is None else self.metrics.max_abs
+
+    @property
+    def max_rel(self) -> float | None:
+        return None if self.metrics is None else self.metrics.max_rel
+
+    @property
+    def status_text(self) -> str:
+        """``pass``, ``FAIL``, ``fused into X`` or ``not matched: reason``, as the report prints it."""
+        if self.status == "pass":
+            return "pass"
+        if self.status == "fail":
+            return "FAIL"
+        if self.status == "fused":
+            return f"fused into {self.fused_into or _ROOT_LABEL}"
+        return f"not matched: {self.reason}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "module": self.module,
+            "module_type": self.module_type,
+            "call": self.call,
+            "output_index": self.output_index,
+            "order": self.order,
+            "depth": self.depth,
+            "status": self.status,
+            "reason": self.reason,
+            "reason_kind": self.reason_kind,
+            "fused_into": self.fused_into,
+            "onnx_node": self.onnx_node,
+            "onnx_value": self.onnx_value,
+            "op_type": self.op_type,
+            "shape": list(self.shape),
+            "tolerance": None if self.tolerance is None else self.tolerance.to_dict(),
+            "metrics": None if self.metrics is None else self.metrics.to_dict(),
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "inputs_from": list(self.inputs_from),
+            "absorbed": list(self.absorbed),
+        }
+
+
+@dataclass(frozen=True)
+class FirstDivergence:
+    """The first failing layer in execution order, with a one-line explanation."""
+
+    module: str
+    name: str
+    onnx_node: str | None
+    onnx_value: str | None
+    op_type: str | None
+    max_abs: float
+    max_rel: float
+    mismatch_fraction: float
+    atol: float
+    rtol: float
+    order: int
+    explanation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "name": self.name,
+            "onnx_node": self.onnx_node,
+            "onnx_value": self.onnx_value,
+            "op_type": self.op_type,
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "mismatch_fraction": self.mismatch_fraction,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "order": self.order,
+            "explanation": self.explanation,
+        }
+
+
+@dataclass
+class LayerReport:
+    """Every module call of one backend run against eager, in execution order."""
+
+    backend: str
+    onnx_path: str
+    tolerance: Tolerance
+    layers: list[LayerResult] = field(default_factory=list)
+    extra_outputs: int = 0
+    tolerance_rule: str = "atol_eff = atol + rtol·max|ref_layer|, rtol as given"
+
+    @property
+    def first_divergence(self) -> FirstDivergence | None:
+        for layer in self.layers:
+            if layer.status == "fail":
+                return _first_divergence(layer, self.layers)
+        return None
+
+    @property
+    def passed(self) -> bool:
+        return all(layer.status != "fail" for layer in self.layers)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        statuses = [layer.status for layer in self.layers]
+        return {
+            "layers": len(statuses),
+            "matched": sum(s in ("pass", "fail") for s in statuses),
+            "passed": statuses.count("pass"),
+            "failed": statuses.count("fail"),
+            "fused": statuses.count("fused"),
+            "unmatched": statuses.count("unmatched"),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.first_divergence
+        return {
+            "backend": self.backend,
+            "onnx_path": self.onnx_path,
+            "passed": self.passed,
+            "tolerance": self.tolerance.to_dict(),
+            "tolerance_rule": self.tolerance_rule,
+            "extra_outputs": self.extra_outputs,
+            "counts": self.counts,
+            "first_divergence": None if first is None else first.to_dict(),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eager side
+
+
+@dataclass
+class _Call:
+    """One finished call of one module, as the forward hook saw it."""
+
+    path: str
+    module_type: str
+    call: int
+    order: int
+    outputs: list[np.ndarray | None]
+    output_ids: list[int]
+    input_ids: list[int]
+    returns_input: bool
+
+
+def _flatten(obj: Any) -> list[Any]:
+    """Flatten like :func:`normfold.runtime.eager.flatten_outputs`, keeping non-tensor leaves as None."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _flatten(item)]
+    if isinstance(obj, dict):
+        return [t for key in obj for t in _flatten(obj[key])]
+    return [None]
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    return [t for t in _flatten(obj) if isinstance(t, torch.Tensor)]
+
+
+def _record_eager(
+    module: nn.Module, inputs: Sequence[torch.Tensor]
+) -> tuple[list[_Call], dict[int, tuple[int, int]], list[int], list[str]]:
+    """Run ``module`` once with a hook on every submodule.
+
+    Returns the calls in finishing order, a map ``id(tensor) → (call index, output index)`` of the latest
+    call that returned each tensor, the ids of the graph inputs, and the paths of modules never called.
+    """
+    calls: list[_Call] = []
+    producer: dict[int, tuple[int, int]] = {}
+    keep_alive: list[torch.Tensor] = []
+    counts: dict[str, int] = {}
+    handles = []
+
+    def make_hook(path: str) -> Any:
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            flat = _flatten(output)
+            arg_tensors = _tensors(args) + _tensors(kwargs)
+            index = len(calls)
+            keep_alive.extend(t for t in flat if isinstance(t, torch.Tensor))
+            calls.append(
+                _Call(
+                    path=path,
+                    module_type=type(mod).__name__,
+                    call=counts.get(path, 0),
+                    order=index,
+                    outputs=[t.detach().clone().cpu().numpy() if isinstance(t, torch.Tensor) else None for t in flat],
+                    output_ids=[id(t) if isinstance(t, torch.Tensor) else 0 for t in flat],
+                    input_ids=[id(t) for t in arg_tensors],
+                    returns_input=bool(flat)
+                    and all(isinstance(t, torch.Tensor) and any(t is a for a in arg_tensors) for t in flat),
+                )
+            )
+            counts[path] = counts.get(path, 0) + 1
+            for j, t in enumerate(flat):
+                if isinstance(t, torch.Tensor):
+                    producer[id(t)] = (index, j)
+
+        return hook
+
+    named = list(module.named_modules())
+    args = copy.deepcopy(tuple(inputs))
+    input_ids = [id(t) for t in args]
+    try:
+        for path, sub in named:
+            handles.append(sub.register_forward_hook(make_hook(path), with_kwargs=True))
+        with torch.inference_mode():
+            module(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    keep_alive.clear()
+    never = [path for path, _ in named if path not in counts]
+    return calls, producer, input_ids, never
+
+
+# --------------------------------------------------------------------------------------------------------
+# ONNX side
+
+
+def _prefixes(path: str) -> list[str]:
+    """``a.b.c`` → ``["", "a", "a.b", "a.b.c"]``: every module a node of ``path`` belongs to."""
+    if path == "":
+        return [""]
+    parts = path.split(".")
+    return ["", *(".".join(parts[: i + 1]) for i in range(len(parts)))]
+
+
+def _parent(path: str) -> str | None:
+    if path == "":
+        return None
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _is_ancestor(anc: str, path: str) -> bool:
+    return anc != path and (anc == "" or path.startswith(anc + "."))
+
+
+def _static_shape(value: ir.Value) -> tuple[int | None, ...] | None:
+    if value.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in value.shape)
+
+
+def _shape_fits(value: ir.Value, shape: tuple[int, ...]) -> bool | None:
+    """True/False when the ONNX value's shape is known enough to say, None when it is unknown."""
+    static = _static_shape(value)
+    if static is None:
+        return None
+    if len(static) != len(shape):
+        return False
+    return all(d is None or d == s for d, s in zip(static, shape, strict=True))
+
+
+class _Graph:
+    """Index of the top-level nodes of an ONNX graph by module path, consumers and producers."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.nodes: list[ir.Node] = list(self.graph)
+        self.index = {id(n): i for i, n in enumerate(self.nodes)}
+        self.paths = [module_path(n) for n in self.nodes]
+        self.by_module: dict[str, list[int]] = {}
+        for i, p in enumerate(self.paths):
+            if p is None:
+                continue
+            for prefix in _prefixes(p):
+                self.by_module.setdefault(prefix, []).append(i)
+        self.graph_outputs = {id(v) for v in self.graph.outputs}
+        self.graph_inputs = list(self.graph.inputs)
+
+    def producer(self, value: ir.Value) -> int | None:
+        node = value.producer()
+        return None if node is None else self.index.get(id(node))
+
+    def consumers(self, value: ir.Value) -> list[int]:
+        found = [self.index.get(id(node)) for node, _ in value.uses()]
+        return sorted({i for i in found if i is not None})
+
+    def groups(self, path: str) -> list[list[int]]:
+        """The nodes of ``path``'s subtree split into connected groups (one per call), in order."""
+        members = self.by_module.get(path, [])
+        if not members:
+            return []
+        parent = {i: i for i in members}
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for i in members:
+            for inp in self.nodes[i].inputs:
+                if inp is None:
+                    continue
+                j = self.producer(inp)
+                if j is not None and j in parent:
+                    parent[find(i)] = find(j)
+        comps: dict[int, list[int]] = {}
+        for i in members:
+            comps.setdefault(find(i), []).append(i)
+        return sorted((sorted(c) for c in comps.values()), key=lambda c: c[0])
+
+    def boundary(self, group: list[int]) -> list[ir.Value]:
+        """Values produced inside ``group`` that leave it (consumed outside or graph outputs), in order."""
+        inside = set(group)
+        found: list[ir.Value] = []
+        for i in group:
+            for v in self.nodes[i].outputs:
+                if id(v) in self.graph_outputs or any(c not in inside for c in self.consumers(v)):
+                    found.append(v)
+        return found
+
+
+@dataclass
+class _Match:
+    """Where one layer's reference is found: an ONNX value (compared) or why there is none."""
+
+    value: ir.Value | None = None
+    status: LayerStatus = "unmatched"
+    reason: str = ""
+    reason_kind: str = ""
+    fused_into: str | None = None
+    alias_of: str = ""
+
+
+def _pick_value(g: _Graph, group: list[int], shape: tuple[int, ...]) -> tuple[ir.Value | None, str]:
+    """The last node's first output if its shape fits, else the last boundary value that fits."""
+    last = g.nodes[group[-1]]
+    if last.outputs and _shape_fits(last.outputs[0], shape) is not False:
+        return last.outputs[0], ""
+    for v in reversed(g.boundary(group)):
+        if _shape_fits(v, shape) is True:
+            return v, ""
+    got = _static_shape(last.outputs[0]) if last.outputs else None
+    shown = "?" if got is None else "x".join("?" if d is None else str(d) for d in got)
+    return None, (
+        f"{REASON_SHAPE}: the last node {last.name!r} ({last.op_type}) gives {shown}, eager gives "
+        f"{'x'.join(map(str, shape))}, and no value leaving the module has the eager shape"
+    )
+
+
+def _match_calls(g: _Graph, calls: list[_Call]) -> dict[tuple[int, int], _Match]:
+    """Assign an ONNX value (or a reason) to every (call, output) whose module owns nodes."""
+    by_path: dict[str, list[_Call]] = {}
+    for c in calls:
+        by_path.setdefault(c.path, []).append(c)
+    result: dict[tuple[int, int], _Match] = {}
+    for path, path_calls in by_path.items():
+        if path == "":
+            continue  # the root is matched on the graph outputs
+        groups = g.groups(path)
+        if not groups:
+            continue
+        if len(groups) == len(path_calls):
+            pairs = list(zip(path_calls, groups, strict=True))
+        elif len(path_calls) == 1:
+            pairs = [(path_calls[0], sorted(i for grp in groups for i in grp))]
+        else:
+            # The calls cannot be told apart; only the last call's output (the last node) is certain.
+            pairs = [(path_calls[-1], sorted(i for grp in groups for i in grp))]
+            for c in path_calls[:-1]:
+                for j in range(len(c.outputs)):
+                    result[(c.order, j)] = _Match(
+                        reason=(
+                            f"{REASON_CALLS}: {path} runs {len(path_calls)} times in eager but its nodes form "
+                            f"{len(groups)} connected groups in the ONNX graph; only its last call is compared"
+                        ),
+                        reason_kind=REASON_CALLS,
+                    )
+        for c, group in pairs:
+            tensor_outputs = [(j, o) for j, o in enumerate(c.outputs) if o is not None]
+            if len(tensor_outputs) == 1:
+                j, ref = tensor_outputs[0]
+                value, why = _pick_value(g, group, tuple(ref.shape))
+                result[(c.order, j)] = (
+                    _Match(value=value, status="pass")
+                    if value is not None
+                    else _Match(reason=why, reason_kind=REASON_SHAPE)
+                )
+                continue
+            leaving = g.boundary(group)
+            used: set[int] = set()
+            for j, ref in tensor_outputs:
+                fits = [v for v in leaving if id(v) not in used and _shape_fits(v, tuple(ref.shape)) is not False]
+                if fits:
+                    used.add(id(fits[0]))
+                    result[(c.order, j)] = _Match(value=fits[0], status="pass")
+                else:
+                    result[(c.order, j)] = _Match(
+                        reason=f"{REASON_SHAPE}: no value leaving {path} has shape {'x'.join(map(str, ref.shape))}",
+                        reason_kind=REASON_SHAPE,
+                    )
+    return result
+
+
+def _source_call(
+    tensor_id: int, calls: list[_Call], producer: dict[int, tuple[int, int]], before: int
+) -> tuple[int, int] | None:
+    """The (call, output) that returned this tensor before call ``before``.
+
+    The latest producer can be the asking call itself (an in-place ReLU returns its input), so then the
+    earlier calls are searched.
+    """
+    src = producer.get(tensor_id)
+    if src is not None and src[0] < before:
+        return src
+    for c in reversed(calls[:before]):
+        if tensor_id in c.output_ids:
+            return c.order, c.output_ids.index(tensor_id)
+    return None
+
+
+def _value_of_tensor(
+    tensor_id: int,
+    calls: list[_Call],
+    producer: dict[int, tuple[int, int]],
+    input_ids: list[int],
+    g: _Graph,
+    matches: dict[tuple[int, int], _Match],
+    before: int,
+) -> ir.Value | None:
+    """The ONNX value carrying an eager tensor: a graph input or the matched output of an earlier call."""
+    if tensor_id in input_ids:
+        i = input_ids.index(tensor_id)
+        return g.graph_inputs[i] if i < len(g.graph_inputs) else None
+    src = _source_call(tensor_id, calls, producer, before)
+    m = None if src is None else matches.get(src)
+    return None if m is None else m.value
+
+
+def _absorber(g: _Graph, path: str, inputs: list[ir.Value], later: set[str]) -> tuple[str, ir.Node] | None:
+    """The module (and node) that took over ``path``'s computation: a consumer of its inputs.
+
+    Preference: a later sibling (Conv → BN), then a descendant of a later sibling, then an ancestor.
+    """
+    parent = _parent(path)
+    best: tuple[int, int, str, ir.Node] | None = None
+    for value in inputs:
+        for i in g.consumers(value):
+            owner = g.paths[i]
+            if owner is None or owner == path or owner.startswith(path + "."):
+                continue
+            if _parent(owner) == parent and owner in later:
+                rank = 0
+            elif (
+                parent is not None
+                and _is_ancestor(parent, owner)
+                and any(owner == s or owner.startswith(s + ".") for s in later if _parent(s) == parent)
+            ):
+                rank = 1
+            elif _is_ancestor(owner, path):
+                rank = 2
+            else:
+                continue
+            key = (rank, i)
+            if best is None or key < best[:2]:
+                best = (rank, i, owner, g.nodes[i])
+    return None if best is None else (best[2], best[3])
+
+
+def _resolve_nodeless(
+    g: _Graph,
+    calls: list[_Call],
+    producer: dict[int, tuple[int, int]],
+    input_ids: list[int],
+    matches: dict[tuple[int, int], _Match],
+) -> None:
+    """Give a match or a reason to every (call, output) of a module that owns no ONNX node."""
+    later_paths: list[set[str]] = []
+    seen: set[str] = set()
+    for c in reversed(calls):
+        later_paths.append(set(seen))
+        seen.add(c.path)
+    later_paths.reverse()
+    for c in calls:
+        for j, out in enumerate(c.outputs):
+            key = (c.order, j)
+            if key in matches:
+                continue
+            if out is None:
+                matches[key] = _Match(
+                    reason=f"{REASON_NON_TENSOR} (returns no tensor here)", reason_kind=REASON_NON_TENSOR
+                )
+                continue
+            if c.path == "":
+                continue  # handled by the root match
+            if c.returns_input:
+                value = _value_of_tensor(c.output_ids[j], calls, producer, input_ids, g, matches, c.order)
+                if value is not None:
+                    matches[key] = _Match(value=value, status="pass", alias_of=value.name or "")
+                    continue
+            inputs = [
+                v
+                for v in (_value_of_tensor(t, calls, producer, input_ids, g, matches, c.order) for t in c.input_ids)
+                if v is not None
+            ]
+            found = _absorber(g, c.path, inputs, later_paths[c.order]) if inputs else None
+            if found is None:
+                why = (
+                    "its nodes are not in the graph and no later sibling or parent consumes its inputs"
+                    if inputs
+                    else "its nodes are not in the graph and its inputs come from untracked ops"
+                )
+                matches[key] = _Match(reason=f"{REASON_NO_COUNTERPART}: {why}", reason_kind=REASON_NO_COUNTERPART)
+                continue
+            owner, node = found
+            if _is_ancestor(owner, c.path):
+                matches[key] = _Match(
+                    reason=f"{REASON_INLINED}: {node.op_type} {node.name!r} of {owner or _ROOT_LABEL}",
+                    reason_kind=REASON_INLINED,
+                    fused_into=owner,
+                )
+            else:
+                matches[key] = _Match(status="fused", fused_into=owner, reason=f"{node.op_type} {node.name!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The comparison
+
+
+def _display_name(c: _Call, j: int, n_calls: dict[str, int]) -> str:
+    name = c.path or _ROOT_LABEL
+    if n_calls.get(c.path, 1) > 1:
+        name += f"#{c.call + 1}"
+    if len(c.outputs) > 1:
+        name += f"[{j}]"
+    return name
+
+
+def _depth(path: str) -> int:
+    return 0 if path == "" else path.count(".") + 1
+
+
+def compare_layers(
+    module: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    onnx_path: str | Path,
+    backend: Backend,
+    options: SessionOptions | None,
+    tol: Tolerance,
+) -> LayerReport:
+    """Diff every module's output in eager against its ONNX value on ``backend``, run once for all.
+
+    ``inputs`` are fed to both sides (the ONNX inputs by position). Returns a :class:`LayerReport` with
+    every module call in execution order, its status and metrics, and the first divergence.
+    """
+    calls, producer, input_ids, never = _record_eager(module.eval(), inputs)
+    proto = load_onnx(onnx_path)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:  # onnx_ir raises plain exceptions on malformed protos
+        raise OnnxLoadError(f"onnx_ir could not read {onnx_path}: {type(e).__name__}: {e}") from e
+    g = _Graph(model)
+    if len(g.graph_inputs) != len(inputs):
+        raise InputSpecError(
+            f"the ONNX model takes {len(g.graph_inputs)} inputs {[v.name for v in g.graph_inputs]}, "
+            f"the eager model {len(inputs)}"
+        )
+    matches = _match_calls(g, calls)
+    _resolve_nodeless(g, calls, producer, input_ids, matches)
+    root_outputs = list(g.graph.outputs)
+    for c in calls:
+        if c.path != "":
+            continue
+        tensor_js = [j for j, o in enumerate(c.outputs) if o is not None]
+        for k, j in enumerate(tensor_js):
+            if len(tensor_js) == len(root_outputs):
+                matches[(c.order, j)] = _Match(value=root_outputs[k], status="pass")
+            else:
+                matches[(c.order, j)] = _Match(
+                    reason=f"{REASON_NO_COUNTERPART}: the graph has {len(root_outputs)} outputs, eager "
+                    f"returned {len(tensor_js)} tensors",
+                    reason_kind=REASON_NO_COUNTERPART,
+                )
+
+    wanted = {
+        id(m.value): (m.value, calls[order].outputs[j])
+        for (order, j), m in matches.items()
+        if m.value is not None and calls[order].outputs[j] is not None
+    }
+    produced, extra = _run_instrumented(g, list(wanted.values()), inputs, backend, options)
+    report = LayerReport(backend=backend.name, onnx_path=str(onnx_path), tolerance=tol, extra_outputs=extra)
+    n_calls: dict[str, int] = {}
+    for c in calls:
+        n_calls[c.path] = n_calls.get(c.path, 0) + 1
+    names = {(c.order, j): _display_name(c, j, n_calls) for c in calls for j in range(len(c.outputs))}
+    absorbed: dict[str, list[str]] = {}
+    for (order, j), m in sorted(matches.items()):
+        if m.status == "fused" and m.fused_into is not None:
+            absorbed.setdefault(m.fused_into, []).append(names[(order, j)])
+    for c in calls:
+        sources = _input_sources(c, calls, producer, input_ids, names, g)
+        for j, ref in enumerate(c.outputs):
+            m = matches.get((c.order, j), _Match(reason=REASON_NO_COUNTERPART, reason_kind=REASON_NO_COUNTERPART))
+            layer = LayerResult(
+                name=names[(c.order, j)],
+                module=c.path,
+                module_type=c.module_type,
+                call=c.call,
+                output_index=j,
+                order=c.order,
+                depth=_depth(c.path),
+                status=m.status,
+                reason=m.reason,
+                reason_kind=m.reason_kind,
+                fused_into=m.fused_into,
+                shape=tuple(ref.shape) if ref is not None else (),
+                inputs_from=sources,
+                absorbed=list(absorbed.get(c.path, [])),
+            )
+            if m.value is not None and ref is not None:
+                _fill_metrics(layer, m, ref, produced, tol)
+            report.layers.append(layer)
+    for path in never:
+        sub = module.get_submodule(path)
+        report.layers.append(
+            LayerResult(
+                name=path,
+                module=path,
+                module_type=type(sub).__name__,
+                call=0,
+                output_index=0,
+                order=len(calls),
+                depth=_depth(path),
+                status="unmatched",
+                reason=f"{REASON_NOT_CALLED} in the eager forward (its parent uses its parameters directly)",
+                reason_kind=REASON_NOT_CALLED,
+            )
+        )
+    log.debug("per-layer: %s on %s, %d extra outputs", report.counts, backend.name, extra)
+    return report
+
+
+def _input_sources(
+    c: _Call,
+    calls: list[_Call],
+    producer: dict[int, tuple[int, int]],
+    input_ids: list[int],
+    names: dict[tuple[int, int], str],
+    g: _Graph,
+) -> list[str]:
+    """Where each input tensor of a call came from: a graph input, an earlier layer, or untracked ops."""
+    sources = []
+    for t in c.input_ids:
+        if t in input_ids:
+            idx = input_ids.index(t)
+            sources.append(f"input {g.graph_inputs[idx].name}" if idx < len(g.graph_inputs) else "input")
+            continue
+        src = _source_call(t, calls, producer, c.order)
+        sources.append(names[src] if src is not None else f"ops of {_parent(c.path) or _ROOT_LABEL}")
+    return sources
+
+
+def _run_instrumented(
+    g: _Graph,
+    wanted: list[tuple[ir.Value, np.ndarray]],
+    inputs: Sequence[torch.Tensor],
+    backend: Backend,
+    options: SessionOptions | None,
+) -> tuple[dict[str, np.ndarray], int]:
+    """Expose ``wanted`` values as extra outputs of the (already copied) model and run it once.
+
+    Returns every produced array by value name (graph inputs included, as fed) and how many outputs
+    were added. Values without a type get the eager tensor's dtype so the runtime accepts them.
+    """
+    feeds = {v.name or "": t.detach().cpu().numpy() for v, t in zip(g.graph_inputs, inputs, strict=True)}
+    existing = {id(v) for v in g.graph.outputs}
+    inputs_ids = {id(v) for v in g.graph_inputs}
+    added = 0
+    for value, ref in wanted:
+        if id(value) in existing or id(value) in inputs_ids:
+            continue
+        if value.type is None:
+            value.type = ir.TensorType(ir.DataType.from_numpy(ref.dtype))
+        g.graph.outputs.append(value)
+        existing.add(id(value))
+        added += 1
+    opts = dataclasses.replace(options) if options is not None else SessionOptions()
+    with tempfile.TemporaryDirectory(prefix="normfold-layers-") as tmp:
+        path = Path(tmp) / "per_layer.onnx"
+        ir.save(g.model, path)
+        with backend.load(path, opts) as runner:
+            run_feeds = {meta.name: feeds[meta.name] for meta in runner.inputs if meta.name in feeds}
+            if len(run_feeds) != len(runner.inputs):
+                raise InputSpecError(
+                    f"the instrumented model takes inputs {runner.input_names}, the graph declares {sorted(feeds)}"
+                )
+            produced = runner.infer(run_feeds)
+    return {**feeds, **produced}, added
+
+
+def _fill_metrics(
+    layer: LayerResult, m: _Match, ref: np.ndarray, produced: dict[str, np.ndarray], tol: Tolerance
+) -> None:
+    """Compare one matched layer under its effective tolerance; a shape mismatch makes it unmatched."""
+    assert m.value is not None  # callers only pass matched layers
+    name = m.value.name or ""
+    node = m.value.producer()
+    layer.onnx_value = name
+    layer.onnx_node = node.name if node is not None else f"input {name}"
+    layer.op_type = node.op_type if node is not None else "graph input"
+    if m.alias_of:
+        layer.reason = f"identity in eager: compared at {m.alias_of!r}"
+    actual = produced.get(name)
+    if actual is None:
+        layer.status, layer.reason_kind = "unmatched", REASON_NO_COUNTERPART
+        layer.reason = f"{REASON_NO_COUNTERPART}: the backend did not return {name!r}"
+        return
+    if tuple(np.shape(actual)) != tuple(ref.shape):
+        layer.status, layer.reason_kind = "unmatched", REASON_SHAPE
+        layer.reason = (
+            f"{REASON_SHAPE}: ONNX value {name!r} has shape {'x'.join(map(str, np.shape(actual)))}, "
+            f"eager {'x'.join(map(str, ref.shape))}"
+        )
+        return
+    layer.tolerance = layer_tolerance(tol, ref)
+    layer.metrics = compare_tensors(layer.name, actual, ref, layer.tolerance)
+    layer.status = "pass" if layer.metrics.passed else "fail"
+
+
+def _first_divergence(layer: LayerResult, layers: list[LayerResult]) -> FirstDivergence:
+    """Describe the first failing layer in one line: what moved, by how much, and where it entered."""
+    assert layer.metrics is not None and layer.tolerance is not None  # only failed layers get here
+    m = layer.metrics
+    status = {other.name: other.status for other in layers}
+    checked = [s for s in layer.inputs_from if status.get(s) == "pass" or s.startswith("input ")]
+    unchecked = [s for s in layer.inputs_from if s not in checked]
+    if layer.inputs_from and not unchecked:
+        where = f"its inputs ({', '.join(dict.fromkeys(layer.inputs_from))}) match eager, so the error enters inside it"
+    elif unchecked:
+        where = f"its input from {', '.join(dict.fromkeys(unchecked))} is not compared, so the error may enter there"
+    else:
+        where = "it is the first layer compared"
+    fused = f"; it also computes {', '.join(layer.absorbed)} (fused into it)" if layer.absorbed else ""
+    explanation = (
+        f"{layer.name} ({layer.op_type} {layer.onnx_node!r}) is the first layer out of tolerance: max abs "
+        f"{m.max_abs:.3g} > atol_eff {layer.tolerance.atol:.3g} on {m.mismatch_fraction:.1%} of elements; "
+        f"{where}{fused}"
+    )
+    return FirstDivergence(
+        module=layer.module,
+        name=layer.name,
+        onnx_node=layer.onnx_node,
+        onnx_value=layer.onnx_value,
+        op_type=layer.op_type,
+        max_abs=m.max_abs,
+        max_rel=m.max_rel,
+        mismatch_fraction=m.mismatch_fraction,
+        atol=layer.tolerance.atol,
+        rtol=layer.tolerance.rtol,
+        order=layer.order,
+        explanation=explanation,
+    )
