@@ -851,15 +851,34 @@ def _fill_metrics(
     layer.status = "pass" if layer.metrics.passed else "fail"
 
 
+def _effective_sources(layer: LayerResult, by_name: dict[str, LayerResult]) -> list[str]:
+    """The layer's input sources, looking through modules fused into it (a folded Conv's own input)."""
+    found: list[str] = []
+    pending = list(layer.inputs_from)
+    seen: set[str] = set()
+    while pending:
+        src = pending.pop(0)
+        if src in seen:
+            continue
+        seen.add(src)
+        fused = by_name.get(src)
+        if fused is not None and fused.status == "fused" and fused.fused_into == layer.module:
+            pending.extend(fused.inputs_from)
+        else:
+            found.append(src)
+    return found
+
+
 def _first_divergence(layer: LayerResult, layers: list[LayerResult]) -> FirstDivergence:
     """Describe the first failing layer in one line: what moved, by how much, and where it entered."""
     assert layer.metrics is not None and layer.tolerance is not None  # only failed layers get here
     m = layer.metrics
-    status = {other.name: other.status for other in layers}
-    checked = [s for s in layer.inputs_from if status.get(s) == "pass" or s.startswith("input ")]
-    unchecked = [s for s in layer.inputs_from if s not in checked]
-    if layer.inputs_from and not unchecked:
-        where = f"its inputs ({', '.join(dict.fromkeys(layer.inputs_from))}) match eager, so the error enters inside it"
+    by_name = {other.name: other for other in layers}
+    sources = _effective_sources(layer, by_name)
+    checked = [s for s in sources if s.startswith("input ") or (s in by_name and by_name[s].status == "pass")]
+    unchecked = [s for s in sources if s not in checked]
+    if sources and not unchecked:
+        where = f"its inputs ({', '.join(sources)}) match eager, so the error enters inside it"
     elif unchecked:
         where = f"its input from {', '.join(dict.fromkeys(unchecked))} is not compared, so the error may enter there"
     else:
