@@ -127,7 +127,7 @@ class ScratchBatchNorm(nn.Module):
         if self.moving_mean.device != x.device:
             self.moving_mean = self.moving_mean.to(x.device)
             self.moving_var = self.moving_var.to(x.device)
-        y, self.moving_mean, self.moving_var = _scratch_batch_norm(
+        y, moving_mean, moving_var = _scratch_batch_norm(
             x,
             self.gamma,
             self.beta,
@@ -137,6 +137,10 @@ class ScratchBatchNorm(nn.Module):
             self.momentum,
             self.training,
         )
+        if (
+            self.training
+        ):  # eval never rebinds the stats (an inference-mode run would leave inference tensors)
+            self.moving_mean, self.moving_var = moving_mean, moving_var
         return y
 
 
