@@ -111,9 +111,7 @@ def parse_input_spec(text: str) -> InputSpec:
     if len(parts) == 3:
         key = parts[2].strip().lower().removeprefix("torch.")
         if key not in DTYPES:
-            raise InputSpecError(
-                f"unknown dtype {parts[2]!r} in {text!r}; expected one of {', '.join(sorted(DTYPES))}"
-            )
+            raise InputSpecError(f"unknown dtype {parts[2]!r} in {text!r}; expected one of {', '.join(sorted(DTYPES))}")
         dtype = DTYPES[key]
     return InputSpec(name, dims, dtype)
 
@@ -124,9 +122,7 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
-def load_inputs_npz(
-    path: str | Path, specs_or_names: Sequence[InputSpec] | Sequence[str]
-) -> tuple[torch.Tensor, ...]:
+def load_inputs_npz(path: str | Path, specs_or_names: Sequence[InputSpec] | Sequence[str]) -> tuple[torch.Tensor, ...]:
     """Read real input data from an ``.npz`` and check it against the model's inputs.
 
     With specs, each array must have the spec's shape and dtype (bfloat16 inputs accept a float array and
@@ -216,8 +212,7 @@ def _import_module(name: str) -> Any:
     except ModuleNotFoundError as e:
         if e.name and (name == e.name or name.startswith(e.name + ".")):
             raise ModelLoadError(
-                f"module not found: {name!r} (is it installed or on PYTHONPATH? "
-                f"for a file use path/to/file.py:factory)"
+                f"module not found: {name!r} (is it installed or on PYTHONPATH? for a file use path/to/file.py:factory)"
             ) from e
         raise ModelLoadError(f"importing {name!r} failed: {e}") from e
     except Exception as e:
@@ -258,11 +253,7 @@ def _call_factory(ref: str, factory: Any) -> tuple[nn.Module, tuple[torch.Tensor
         module, example = result
         if isinstance(example, torch.Tensor):
             return module, (example,)
-        if (
-            isinstance(example, (tuple, list))
-            and example
-            and all(isinstance(t, torch.Tensor) for t in example)
-        ):
+        if isinstance(example, (tuple, list)) and example and all(isinstance(t, torch.Tensor) for t in example):
             return module, tuple(example)
         raise ModelLoadError(
             f"factory {ref!r} returned example inputs of type {type(example).__name__}; "
@@ -278,9 +269,7 @@ def _forward_names(module: nn.Module) -> tuple[list[str], int, bool]:
     except (TypeError, ValueError):
         return [], 0, True
     positional = [
-        p
-        for p in params
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
     required = sum(1 for p in positional if p.default is inspect.Parameter.empty)
     varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
@@ -421,9 +410,7 @@ def load_model(
         entry = ZOO.get(name)
         if entry is None:
             available = ", ".join(sorted(ZOO))
-            raise ModelLoadError(
-                f"unknown zoo model {name!r}{_closest(name, sorted(ZOO))} (available: {available})"
-            )
+            raise ModelLoadError(f"unknown zoo model {name!r}{_closest(name, sorted(ZOO))} (available: {available})")
         module = entry.build()
         specs = entry.inputs
         example = None
