@@ -137,9 +137,8 @@ class ScratchBatchNorm(nn.Module):
             self.momentum,
             self.training,
         )
-        if (
-            self.training
-        ):  # eval never rebinds the stats (an inference-mode run would leave inference tensors)
+        # eval never rebinds the stats: under inference_mode that would leave inference tensors behind
+        if self.training:
             self.moving_mean, self.moving_var = moving_mean, moving_var
         return y
 

@@ -140,9 +140,7 @@ def test_file_factory_returning_example_inputs(model_file: Path) -> None:
     assert two.input_names == ["img", "mask"]
     assert [tuple(t.shape) for t in two.example_inputs] == [(2, 4), (2, 4)]
     # specs override the example shapes, same arity
-    wider = load_model(
-        f"{model_file}:make_two", inputs=[parse_input_spec("img:5x4"), parse_input_spec("mask:5x4")]
-    )
+    wider = load_model(f"{model_file}:make_two", inputs=[parse_input_spec("img:5x4"), parse_input_spec("mask:5x4")])
     assert wider.example_inputs[1].shape == (5, 4)
 
 
