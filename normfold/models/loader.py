@@ -178,7 +178,7 @@ def load_inputs_npz(path: str | Path, specs_or_names: Sequence[InputSpec] | Sequ
 
 
 def _closest(word: str, candidates: Sequence[str]) -> str:
-    matches = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.5)
+    matches = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.7)
     return f"; did you mean {', '.join(matches)}?" if matches else ""
 
 
