@@ -519,16 +519,25 @@ class PrecisionPass(NormfoldPass):
 
 
 def _load_proto(src: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
-    """The model with external data read into memory (the converted tensors are rewritten anyway)."""
+    """The model with external data in memory and inferred value types (the pass needs every dtype)."""
     if isinstance(src, onnx.ModelProto):
-        return src
+        return _infer_types(src)
     path = Path(src)
     if not path.is_file():
         raise OnnxLoadError(f"ONNX model {str(path)!r} does not exist.")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path))
     except Exception as e:  # protobuf DecodeError, missing external data, ...
         raise OnnxLoadError(f"could not read {str(path)!r} as an ONNX model: {e}") from e
+    return _infer_types(model)
+
+
+def _infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape/type inference so intermediate values carry a dtype; a value without one is not converted."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except onnx.shape_inference.InferenceError as e:
+        raise OnnxLoadError(f"ONNX shape inference failed before precision conversion: {e}") from e
 
 
 def _save_atomic(model: onnx.ModelProto, dst: Path) -> None:
