@@ -30,7 +30,7 @@ from typing import Literal
 
 import onnx
 
-from normfold.errors import OnnxLoadError, UsageError
+from normfold.errors import BackendUnavailableError, OnnxLoadError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +263,24 @@ def _external_data_files(model: onnx.ModelProto) -> list[str]:
     return sorted(locations)
 
 
+def _build_plan(onnx_path: Path, *, fp16: bool, max_batch: int) -> Path:
+    """Build a serialized engine with the ``trt`` backend (GPU + TensorRT needed; else the exact reason)."""
+    from normfold.runtime.base import SessionOptions
+    from normfold.runtime.tensorrt import build_engine, tensorrt_reason
+
+    reason = tensorrt_reason()
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"cannot build a TensorRT engine for the tensorrt platform here: {reason}; build it on a GPU "
+            "machine (or pass a prebuilt plan with --engine), or use --platform onnxruntime."
+        )
+    options = SessionOptions(
+        precision="fp16" if fp16 else "fp32",
+        batch_sizes=(1, max_batch) if max_batch > 0 else (1,),
+    )
+    return build_engine(onnx_path, options).path
+
+
 def write_triton_repo(
     onnx_path: str | os.PathLike[str],
     repo_dir: str | os.PathLike[str],
@@ -278,6 +296,7 @@ def write_triton_repo(
     fp16: bool = False,
     trt_accelerator: bool = False,
     engine_path: str | os.PathLike[str] | None = None,
+    build_engine: bool = False,
     overwrite: bool = False,
 ) -> TritonRepoReport:
     """Write ``repo_dir/name/{config.pbtxt, 1/model.onnx|model.plan}`` and return what was written.
@@ -285,8 +304,11 @@ def write_triton_repo(
     ``fp16`` on the onnxruntime platform means the ORT backend's TensorRT accelerator with
     ``precision_mode: FP16`` (ORT's CUDA EP has no fp16 switch; convert the model itself with
     :func:`normfold.fusers.precision.convert_precision` for that). On the tensorrt platform precision is
-    fixed when the engine is built, so ``fp16`` is rejected there. The model directory is built beside
-    its destination and moved into place, so a failure never leaves half a repository.
+    fixed when the engine is built, so ``fp16`` is rejected there unless ``build_engine`` builds the plan
+    here (with the ``trt`` backend: fp16 with fp32 norm islands, one profile over batch 1..max_batch);
+    that needs a GPU and TensorRT and otherwise raises :class:`BackendUnavailableError` with the reason.
+    The model directory is built beside its destination and moved into place, so a failure never leaves
+    half a repository.
     """
     onnx_path = Path(onnx_path)
     repo_dir = Path(repo_dir)
@@ -295,6 +317,8 @@ def write_triton_repo(
         raise UsageError(f"model name {name!r} is not a valid directory name; pass --name.")
     if platform not in TRITON_PLATFORMS:
         raise UsageError(f"platform {platform!r} is not one of {sorted(TRITON_PLATFORMS)}.")
+    if kind not in ("auto", "cpu", "gpu"):
+        raise UsageError(f"instance kind {kind!r} is not one of auto, cpu, gpu.")
     if max_batch < 0:
         raise UsageError(f"max_batch must be >= 0 (0 disables Triton batching), got {max_batch}.")
     if instances < 1:
@@ -316,11 +340,14 @@ def write_triton_repo(
                 "the TensorRT accelerator is an ORT-backend option; the tensorrt platform "
                 "already serves a TensorRT engine."
             )
-        if fp16:
+        if fp16 and not (build_engine and engine_path is None):
             raise UsageError(
                 "--fp16 has no meaning for a prebuilt plan: its precision was fixed when the "
                 "engine was built; build the engine with fp16 and pass it as the engine."
             )
+        if engine_path is None and build_engine:
+            engine_path = _build_plan(Path(onnx_path), fp16=fp16, max_batch=max_batch)
+            notes.append(f"built the TensorRT engine here ({'fp16' if fp16 else 'fp32'})")
         if engine_path is None:
             raise UsageError(
                 "the tensorrt platform serves a serialized TensorRT engine (model.plan), and none was "
@@ -372,8 +399,7 @@ def write_triton_repo(
         raise UsageError(f"{str(model_dir)!r} exists and is not a directory.")
     if model_dir.is_dir() and any(model_dir.iterdir()) and not overwrite:
         raise UsageError(
-            f"model directory {str(model_dir)!r} is not empty; pass overwrite=True (CLI: "
-            "--overwrite) to replace it."
+            f"model directory {str(model_dir)!r} is not empty; pass overwrite=True (CLI: --overwrite) to replace it."
         )
     repo_dir.mkdir(parents=True, exist_ok=True)
 
@@ -390,8 +416,7 @@ def write_triton_repo(
                 src = onnx_path.parent / location
                 if not src.is_file():
                     raise OnnxLoadError(
-                        f"{str(onnx_path)!r} refers to external data {location!r}, which "
-                        f"is missing next to it."
+                        f"{str(onnx_path)!r} refers to external data {location!r}, which is missing next to it."
                     )
                 dst = version_dir / location
                 dst.parent.mkdir(parents=True, exist_ok=True)
