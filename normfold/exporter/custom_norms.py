@@ -40,7 +40,7 @@ import onnx
 import onnx_ir as ir
 
 from normfold.errors import ExportError, OnnxLoadError
-from normfold.fusers.base import NormfoldPass, PassContext, RuleEvent, register_pass
+from normfold.fusers.base import NormfoldPass, PassContext, RuleEvent
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,6 @@ _FUNCTIONS = {
 }
 
 
-@register_pass
 class CustomNormPass(NormfoldPass):
     """Replace native LN/GN/IN nodes with TensorRT-plugin custom ops + model-local functions.
 

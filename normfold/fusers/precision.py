@@ -47,7 +47,7 @@ import onnx_ir as ir
 
 from normfold.errors import FusionError, OnnxLoadError, UsageError
 from normfold.exporter.provenance import module_path, set_module_path
-from normfold.fusers.base import NormfoldPass, PassContext, register_pass
+from normfold.fusers.base import NormfoldPass, PassContext
 
 logger = logging.getLogger(__name__)
 
@@ -239,11 +239,7 @@ def _decomposed_norm_islands(graph: ir.Graph) -> list[Island]:
                     (op == "Add" and any(_const(v) is not None for v in user.inputs))
                     or op in ("Sqrt", "Reciprocal")
                     or (op == "Div" and index == 1)
-                    or (
-                        op == "Mul"
-                        and value.producer() is not None
-                        and value.producer().op_type == "Reciprocal"
-                    )
+                    or (op == "Mul" and value.producer() is not None and value.producer().op_type == "Reciprocal")
                 )
                 if take and user not in members:
                     members.append(user)
@@ -299,9 +295,7 @@ def _name_nodes(graph: ir.Graph) -> None:
         seen.add(node.name)
 
 
-def _convert_array(
-    array: np.ndarray, low: ir.DataType, name: str
-) -> tuple[np.ndarray, ConversionIssue | None]:
+def _convert_array(array: np.ndarray, low: ir.DataType, name: str) -> tuple[np.ndarray, ConversionIssue | None]:
     """Cast fp32 values to ``low``; for fp16 clamp out-of-range finite values (an inf weight is worse)."""
     array = np.asarray(array, dtype=np.float32)
     if low == ir.DataType.BFLOAT16:
@@ -314,13 +308,10 @@ def _convert_array(
         converted = np.where(finite, np.clip(array, -_FP16_MAX, _FP16_MAX), array).astype(np.float16)
     issue = None
     if over.any() or flushed.any():
-        issue = ConversionIssue(
-            name, int(over.sum()), int(flushed.sum()), float(magnitude[finite].max(initial=0.0))
-        )
+        issue = ConversionIssue(name, int(over.sum()), int(flushed.sum()), float(magnitude[finite].max(initial=0.0)))
     return converted, issue
 
 
-@register_pass
 class PrecisionPass(NormfoldPass):
     """Convert FLOAT tensors to fp16/bf16 outside fp32 islands (algebra in the module docstring).
 
@@ -442,9 +433,7 @@ class PrecisionPass(NormfoldPass):
 
         casts: dict[tuple[int, ir.DataType], ir.Value] = {}
 
-        def cast_of(
-            value: ir.Value, to: ir.DataType, before: ir.Node | None, anchor: ir.Node | None
-        ) -> ir.Value:
+        def cast_of(value: ir.Value, to: ir.DataType, before: ir.Node | None, anchor: ir.Node | None) -> ir.Value:
             key = (id(value), to)
             if key not in casts:
                 out = ir.Value(name=f"{value.name}_to_{to.name.lower()}", shape=value.shape)
@@ -617,9 +606,7 @@ def select_fp32_islands(
         if not low:
             break
         model = ir.from_proto(proto)
-        PrecisionPass(
-            precision=precision, keep_io_types=keep_io_types, fp32_ops=fp32_ops, low_islands=low
-        ).call(model)
+        PrecisionPass(precision=precision, keep_io_types=keep_io_types, fp32_ops=fp32_ops, low_islands=low).call(model)
         errors = auto.error_fn(ir.to_proto(model))
         seen: dict[str, tuple[float, float]] = {}
         added = []
@@ -731,9 +718,7 @@ def ort_tensor_errors(
                 model.graph.outputs.append(values[name])
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(
-            ir.to_proto(model).SerializeToString(), opts, providers=list(providers)
-        )
+        session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=list(providers))
         inputs = {i.name: i for i in session.get_inputs()}
         typed = {}
         for name, array in feeds.items():
@@ -743,9 +728,7 @@ def ort_tensor_errors(
         return dict(zip(outs, session.run(outs, typed), strict=True))
 
     ref_model = ir.from_proto(reference)
-    float_names = [
-        v.name or "" for n in ref_model.graph for v in n.outputs if v.dtype == ir.DataType.FLOAT and v.name
-    ]
+    float_names = [v.name or "" for n in ref_model.graph for v in n.outputs if v.dtype == ir.DataType.FLOAT and v.name]
     ref_values = run_all(reference, float_names)
 
     def error_fn(low: onnx.ModelProto) -> dict[str, float]:

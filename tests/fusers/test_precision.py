@@ -101,9 +101,7 @@ def test_fp16_islands_structure_and_eager_numerics(exported: tuple, tmp_path: Pa
     assert out.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
     assert out.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
 
-    got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x}
-    )[0]
+    got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     with torch.inference_mode():
         want = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-2, rtol=1e-2)
@@ -221,9 +219,7 @@ def test_auto_keeps_only_the_norm_that_creates_the_error() -> None:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(report.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x})[0]
-    ref = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x}
-    )[0]
+    ref = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, ref, atol=1e-2, rtol=1e-2)
 
 

@@ -163,9 +163,7 @@ def test_bad_inputs_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not a valid directory name"):
         write_triton_repo(onnx_path, tmp_path / "repo", name="a/b")
     with pytest.raises(UsageError, match=r"outside 1\.\.max_batch"):
-        write_triton_repo(
-            onnx_path, tmp_path / "repo", max_batch=4, dynamic_batching=True, preferred_batch_sizes=(16,)
-        )
+        write_triton_repo(onnx_path, tmp_path / "repo", max_batch=4, dynamic_batching=True, preferred_batch_sizes=(16,))
 
 
 def test_render_escapes_odd_names() -> None:
