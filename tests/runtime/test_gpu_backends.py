@@ -163,6 +163,22 @@ def test_runner_without_io_binding_and_fp16_conversion_cache(tmp_path: Path) -> 
     np.testing.assert_allclose(y, ref, atol=1e-2, rtol=1e-2)
 
 
+def test_persistent_io_binding_on_the_cpu_device(tmp_path: Path) -> None:
+    """The binding logic the CUDA runner uses, on ORT's CPU device: same buffers reused, new shape rebinds."""
+    model = _ln_model(tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    runner = GpuOrtRunner(session, "ort-cpu", device="cpu")
+    rng = np.random.default_rng(0)
+    results = []
+    with runner:
+        for batch in (2, 2, 2, 3, 3):
+            x = rng.standard_normal((batch, 5, 8)).astype(np.float32)
+            results.append((runner.infer({"x": x})["y"], session.run(None, {"x": x})[0]))
+        assert runner.rebinds == 2  # once per distinct input shape
+    for got, want in results:  # earlier outputs are not overwritten by later runs
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["ort-cuda", "ort-trt", "trt"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
