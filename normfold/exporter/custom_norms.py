@@ -323,3 +323,11 @@ def to_custom_norms(
             Path(tmp).unlink(missing_ok=True)
             raise
     return CustomNormReport(path, replaced, list(ctx.events), out)
+
+
+def to_plugin_ops(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """What ``export(..., norm_export="custom")`` calls: :func:`to_custom_norms` on an in-memory model."""
+    report = to_custom_norms(proto)
+    if report.model is None:  # to_custom_norms always sets it; keep the type honest without assert
+        raise ExportError("custom-norm export returned no model")
+    return report.model

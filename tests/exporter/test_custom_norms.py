@@ -120,3 +120,39 @@ def test_skips_say_why() -> None:
     (event,) = report18.events
     assert event.status == "skipped" and "opset >= 21" in event.reason
     assert report18.replaced == {}
+
+
+class _Norms(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = torch.nn.GroupNorm(4, 8)
+        self.inorm = torch.nn.InstanceNorm2d(8, affine=True)
+        self.ln = torch.nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(self.inorm(self.gn(self.conv(x))).permute(0, 2, 3, 1))
+
+
+@pytest.mark.slow
+def test_export_norm_export_custom_matches_eager(tmp_path: Path) -> None:
+    from normfold.exporter import export
+
+    torch.manual_seed(0)
+    module = _Norms().eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 3, 6, 6)
+    result = export(module, (x,), tmp_path / "custom.onnx", opset=21, norm_export="custom")
+    model = onnx.load(str(result.path))
+    assert {n.op_type for n in model.graph.node if n.domain == TRT_PLUGIN_DOMAIN} == {
+        "GroupNormalizationPlugin",
+        "InstanceNormalization_TRT",
+        "LayerNorm",
+    }
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.inference_mode():
+        want = module(x).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
