@@ -242,3 +242,34 @@ def test_auto_does_not_blame_a_norm_for_inherited_error() -> None:
     assert kept == ["var_a"]
     assert rounds[0].island_errors["var_b"] == (float("inf"), float("inf"))
     assert rounds[1].added == []
+
+
+def test_custom_plugin_norms_stay_fp32() -> None:
+    """Nodes that call a model-local function (the TensorRT-plugin norms) are islands too."""
+    from normfold.exporter.custom_norms import to_custom_norms
+
+    scale = numpy_helper.from_array(np.linspace(0.5, 1.5, 8).astype(np.float32), "s")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("LayerNormalization", ["r", "s"], ["n"], name="ln"),
+            helper.make_node("Relu", ["n"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8])],
+        [scale],
+    )
+    native = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    custom = to_custom_norms(native).model
+    report = convert_precision(custom)
+    (island,) = report.fp32_islands
+    assert island.kind == "LayerNorm"
+    plugin = next(n for n in report.model.graph.node if n.op_type == "LayerNorm")
+    cast = _producer(report.model, plugin.input[0])
+    assert cast.op_type == "Cast" and _attr(cast, "to") == TensorProto.FLOAT
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    session = ort.InferenceSession(report.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x.astype(np.float16)})[0]
+    want = ort.InferenceSession(native.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got.astype(np.float32), want, atol=1e-2, rtol=1e-2)
