@@ -209,7 +209,9 @@ def render_config(
     lines += ["instance_group [", "  {", f"    count: {instances}", f"    kind: KIND_{kind.upper()}"]
     lines += ["  }", "]"]
     if trt_accelerator:
-        params = [("precision_mode", "FP16" if fp16 else "FP32"), ("trt_engine_cache_enable", "1")]
+        # Only precision_mode: an engine cache without trt_engine_cache_path would land in the server's
+        # working directory, which is often read-only in the container.
+        params = [("precision_mode", "FP16" if fp16 else "FP32")]
         lines += [
             "optimization {",
             "  execution_accelerators {",
