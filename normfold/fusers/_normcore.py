@@ -158,7 +158,7 @@ def remove_dead(graph: ir.Graph, nodes: Iterable[ir.Node]) -> None:
 
 def other_operand(node: ir.Node, value: ir.Value) -> ir.Value | None:
     """For a binary node that consumes ``value``, the other input."""
-    a, b = (node.inputs + (None, None))[:2]
+    a, b = (*node.inputs, None, None)[:2]
     if a is value:
         return b
     if b is value:
@@ -378,7 +378,9 @@ def _fold(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
         return np.prod(a, axis=tuple(axes) if axes else None, keepdims=keep)
     if op == "ConstantOfShape":
         attr = node.attributes.get("value")
-        fill = np.asarray(attr.as_tensor().numpy()).reshape(-1) if attr is not None else np.zeros(1, np.float32)
+        fill = (
+            np.asarray(attr.as_tensor().numpy()).reshape(-1) if attr is not None else np.zeros(1, np.float32)
+        )
         return np.full(tuple(int(s) for s in a.reshape(-1)), fill[0], dtype=fill.dtype)
     return None
 
@@ -386,7 +388,7 @@ def _fold(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
 # -- the core matcher ------------------------------------------------------------------------------
 
 
-def reduce_axes(facts: GraphFacts, node: ir.Node) -> tuple[int, ...] | None | str:
+def reduce_axes(facts: GraphFacts, node: ir.Node) -> tuple[int, ...] | str | None:
     """Axes of a Reduce* node (attribute or input); ``"all"`` when it reduces every axis; None if unknown."""
     attr = _ints_attr(node, "axes")
     if attr is not None:
@@ -495,9 +497,7 @@ def match_core(facts: GraphFacts, mean_node: ir.Node) -> NormCore | Reject | Non
             "eps is added to the standard deviation, not to the variance: (x-μ)/(σ+ε) is not a "
             "LayerNorm/GroupNorm",
         )
-    if std_node.op_type == "Sqrt":
-        ve = std_node.inputs[0]
-    elif std_node.op_type == "Pow" and facts.scalar(std_node.inputs[1]) == 0.5:
+    if std_node.op_type == "Sqrt" or (std_node.op_type == "Pow" and facts.scalar(std_node.inputs[1]) == 0.5):
         ve = std_node.inputs[0]
     else:
         return Reject(site, f"the divisor is {std_node.op_type}({std_node.name}), not sqrt(variance + eps)")
@@ -587,8 +587,8 @@ def _match_variance(
         got = facts.static_shape(var)
         if want is None or got is None or want != got:
             return (
-                f"cannot prove that {restore[0].op_type} {restore[0].name!r} restores the reduced axes of the "
-                f"variance (shape {got}, expected {want})"
+                f"cannot prove that {restore[0].op_type} {restore[0].name!r} restores the reduced axes "
+                f"of the variance (shape {got}, expected {want})"
             )
     if node is None:
         return f"the variance {var.name!r} is not computed in the graph (non-constant statistics)"
@@ -610,9 +610,9 @@ def _match_variance(
     sq_node = sq.producer() if sq is not None else None
     if sq_node is None:
         return "the variance input is not a squared deviation"
-    if sq_node.op_type == "Mul" and sq_node.inputs[0] is sq_node.inputs[1]:
-        dev = sq_node.inputs[0]
-    elif sq_node.op_type == "Pow" and facts.scalar(sq_node.inputs[1]) == 2.0:
+    is_square = sq_node.op_type == "Mul" and sq_node.inputs[0] is sq_node.inputs[1]
+    is_square |= sq_node.op_type == "Pow" and facts.scalar(sq_node.inputs[1]) == 2.0
+    if is_square:
         dev = sq_node.inputs[0]
     else:
         return f"the variance input is {sq_node.op_type} {sq_node.name!r}, not a squared deviation"

@@ -55,7 +55,7 @@ _LN_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.Da
 
 @register_pass
 class LayerNormFusion(NormfoldPass):
-    """ReduceMean-Sub-(Pow|Mul)-ReduceMean-Add(ε)-Sqrt-(Div|Reciprocal·Mul)[-Mul(γ)][-Add(β)] → LayerNormalization."""
+    """ReduceMean-Sub-(Pow|Mul)-ReduceMean-Add(ε)-Sqrt-(Div|Reciprocal·Mul)[-Mul(γ)][-Add(β)] → LN-17."""
 
     name = "fuse_layernorm"
 
@@ -174,14 +174,16 @@ class LayerNormFusion(NormfoldPass):
         self.applied(
             replaced,
             f"LayerNormalization(axis={plan.axis}, epsilon={core.eps:g}, stash_type={int(stash)}, "
-            f"affine={'scale' if plan.scale is not None else 'none'}{'+bias' if plan.bias is not None else ''})",
+            f"affine={_affine_name(plan)})",
         )
 
 
 class _Plan:
     """What to emit for one matched LayerNorm site."""
 
-    def __init__(self, core: NormCore, axis: int, dtype: ir.DataType, norm_shape: tuple[int | None, ...]) -> None:
+    def __init__(
+        self, core: NormCore, axis: int, dtype: ir.DataType, norm_shape: tuple[int | None, ...]
+    ) -> None:
         self.core = core
         self.axis = axis
         self.dtype = dtype
@@ -235,6 +237,11 @@ def _affine_param(
     if len(tail) == k and tail == norm_shape and len(shape) == k:
         return param
     return None
+
+
+def _affine_name(plan: _Plan) -> str:
+    name = "scale" if plan.scale is not None else "none"
+    return name + ("+bias" if plan.bias is not None else "")
 
 
 def _ones(dims: tuple[int, ...], dtype: ir.DataType) -> np.ndarray:
