@@ -414,7 +414,38 @@ def normalize_axes(axes: tuple[int, ...] | str, rank: int | None) -> tuple[int, 
 
 
 def _consumers(value: ir.Value) -> list[ir.Node]:
-    return [use.node for use in value.uses()]
+    return [use.node for use in value_uses(value)]
+
+
+def value_uses(value: ir.Value) -> list[ir.Usage]:
+    """Uses that read the value's data: ``Shape``/``Size`` and CastLike's ``target_type`` only read its
+    metadata, which a fusion preserves, so they never block one (they die with the pattern or stay valid)."""
+    return [
+        use
+        for use in value.uses()
+        if use.node.op_type not in ("Shape", "Size") and not (use.node.op_type == "CastLike" and use.idx == 1)
+    ]
+
+
+def single_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
+    """The one node reading ``value``'s data when it is ``op_type`` and ``value`` is not a graph output."""
+    if value.is_graph_output():
+        return None
+    uses = value_uses(value)
+    if len(uses) != 1:
+        return None
+    node = uses[0].node
+    return node if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+
+def last_node(graph: ir.Graph, nodes: Sequence[ir.Node]) -> ir.Node:
+    """The node of ``nodes`` that comes last in graph order (a fused node goes right after it)."""
+    wanted = {id(n) for n in nodes}
+    last = nodes[0]
+    for node in graph:
+        if id(node) in wanted:
+            last = node
+    return last
 
 
 @dataclass

@@ -18,6 +18,7 @@ We do not call onnx's C++ ``version_converter``: it restamps GroupNormalization-
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import numpy as np
 import onnx
@@ -129,8 +130,12 @@ def _default_domain_nodes(model: ir.Model) -> list[ir.Node]:
     return nodes
 
 
-def opset_raise_blocker(model: ir.Model, target: int) -> str | None:
-    """Why the model's default-domain opset cannot be raised to ``target``, or None when it can."""
+def opset_raise_blocker(model: ir.Model, target: int, *, exclude: Collection[ir.Node] = ()) -> str | None:
+    """Why the model's default-domain opset cannot be raised to ``target``, or None when it can.
+
+    ``exclude`` lists nodes written for the target opset already (the fused node itself).
+    """
+    skip = {id(n) for n in exclude}
     current = opset_of(model)
     if target <= current:
         return None
@@ -138,7 +143,7 @@ def opset_raise_blocker(model: ir.Model, target: int) -> str | None:
     if target > newest:
         return f"target opset {target} is newer than this onnx ({onnx.__version__}) knows (max {newest})"
     blocked: dict[str, list[int]] = {}
-    for op_type in sorted({n.op_type for n in _default_domain_nodes(model)}):
+    for op_type in sorted({n.op_type for n in _default_domain_nodes(model) if id(n) not in skip}):
         if _since(op_type, current) is None:
             continue  # not an op at the current opset (e.g. a local function): nothing to restamp
         for version in _changes(op_type, current, target):
@@ -156,8 +161,10 @@ def opset_raise_blocker(model: ir.Model, target: int) -> str | None:
     )
 
 
-def raise_opset(model: ir.Model, target: int) -> list[str]:
+def raise_opset(model: ir.Model, target: int, *, exclude: Collection[ir.Node] = ()) -> list[str]:
     """Raise the default-domain opset to ``target`` in place; returns the names of rewritten nodes.
+
+    ``exclude``: nodes already written for ``target`` (e.g. the GroupNormalization-21 a pass just made).
 
     Raises:
         FusionError: when :func:`opset_raise_blocker` finds an op whose meaning would change.
@@ -165,7 +172,7 @@ def raise_opset(model: ir.Model, target: int) -> list[str]:
     current = opset_of(model)
     if target <= current:
         return []
-    reason = opset_raise_blocker(model, target)
+    reason = opset_raise_blocker(model, target, exclude=exclude)
     if reason is not None:
         raise FusionError(f"cannot raise the model opset: {reason}")
     rewritten = []

@@ -36,12 +36,14 @@ from normfold.fusers._normcore import (
     NormCore,
     Reject,
     add_initializer,
+    last_node,
     match_core,
     opset_of,
     other_operand,
     owner_path,
     remove_dead,
     replace_output,
+    single_consumer,
     unique_name,
 )
 from normfold.fusers._opset import opset_raise_blocker, raise_opset
@@ -75,7 +77,7 @@ class LayerNormFusion(NormfoldPass):
             else:
                 opset_reason = opset_raise_blocker(model, target)
                 raise_to = target
-        modified = False
+        created: list[ir.Node] = []
         for node in [n for n in graph if n.op_type == "ReduceMean" and n.domain in ("", "ai.onnx")]:
             if node.graph is not graph:
                 continue  # removed by an earlier fusion
@@ -95,11 +97,10 @@ class LayerNormFusion(NormfoldPass):
             if opset_reason is not None:
                 self.skipped(found.nodes, opset_reason)
                 continue
-            self._rewrite(graph, plan)
-            modified = True
-        if modified and raise_to is not None:
-            raise_opset(model, raise_to)
-        return modified
+            created.append(self._rewrite(graph, plan))
+        if created and raise_to is not None:
+            raise_opset(model, raise_to, exclude=created)
+        return bool(created)
 
     def _plan(self, facts: GraphFacts, core: NormCore) -> _Plan | Reject:
         nodes = tuple(core.nodes)
@@ -122,13 +123,13 @@ class LayerNormFusion(NormfoldPass):
         plan = _Plan(core=core, axis=rank - k, dtype=dtype, norm_shape=norm_shape)
         # Optional affine: Mul(y, γ) then Add(·, β), each absorbed only when it broadcasts over A alone.
         current = core.output
-        mul = _single_consumer(current, "Mul")
+        mul = single_consumer(current, "Mul")
         if mul is not None:
             gamma = _affine_param(facts, other_operand(mul, current), rank, norm_shape, dtype)
             if gamma is not None:
                 plan.scale, plan.extra = gamma, [mul]
                 current = mul.outputs[0]
-        add = _single_consumer(current, "Add")
+        add = single_consumer(current, "Add")
         if add is not None:
             beta = _affine_param(facts, other_operand(add, current), rank, norm_shape, dtype)
             if beta is not None:
@@ -140,7 +141,7 @@ class LayerNormFusion(NormfoldPass):
             return Reject(nodes, f"normalized dims {norm_shape} are not static: cannot build a ones scale")
         return plan
 
-    def _rewrite(self, graph: ir.Graph, plan: _Plan) -> None:
+    def _rewrite(self, graph: ir.Graph, plan: _Plan) -> ir.Node:
         core = plan.core
         base = core.output.name or "layernorm"
         dims = tuple(int(d) for d in plan.norm_shape) if all(d is not None for d in plan.norm_shape) else None
@@ -168,7 +169,7 @@ class LayerNormFusion(NormfoldPass):
         assert out is not None
         ln.outputs[0].dtype = plan.dtype
         ln.outputs[0].shape = out.shape
-        graph.insert_after(_last(graph, replaced), ln)
+        graph.insert_after(last_node(graph, replaced), ln)
         replace_output(graph, out, ln.outputs[0], f"{base}_ln")
         remove_dead(graph, reversed(replaced))
         self.applied(
@@ -176,6 +177,7 @@ class LayerNormFusion(NormfoldPass):
             f"LayerNormalization(axis={plan.axis}, epsilon={core.eps:g}, stash_type={int(stash)}, "
             f"affine={_affine_name(plan)})",
         )
+        return ln
 
 
 class _Plan:
@@ -192,16 +194,6 @@ class _Plan:
         self.bias: np.ndarray | ir.Value | None = None
         self.extra: list[ir.Node] = []
         self.output: ir.Value | None = None
-
-
-def _single_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
-    if value.is_graph_output():
-        return None
-    uses = value.uses()
-    if len(uses) != 1:
-        return None
-    node = next(iter(uses)).node
-    return node if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
 
 
 def _affine_param(
@@ -246,13 +238,3 @@ def _affine_name(plan: _Plan) -> str:
 
 def _ones(dims: tuple[int, ...], dtype: ir.DataType) -> np.ndarray:
     return np.ones(dims, dtype=dtype.numpy())
-
-
-def _last(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
-    """The node of ``nodes`` that comes last in graph order (the fused node goes right after it)."""
-    wanted = {id(n) for n in nodes}
-    last = nodes[0]
-    for node in graph:
-        if id(node) in wanted:
-            last = node
-    return last
