@@ -285,6 +285,8 @@ def _group_layout(facts: GraphFacts, reshape: ir.Node) -> tuple[ir.Value, int] |
         elif dims[0] != shape[0]:
             return f"reshape to {dims} does not keep the batch axis of a {list(shape)} input"
         groups, rest = dims[1], dims[2]
+        if groups == -1 and rest > 0 and inner is not None and (channels * inner) % rest == 0:
+            groups = channels * inner // rest  # x.view(N, -1, L): the row count is implied
         if groups <= 0:
             return f"reshape to {dims} does not put channel groups on axis 1"
         if rest != -1 and (inner is None or groups * rest != channels * inner):

@@ -83,7 +83,9 @@ class Wrap(nn.Module):
         return self.norm(*xs)
 
 
-def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, dynamo: bool, opset: int) -> ir.Model:
+def _export(
+    module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, dynamo: bool, opset: int
+) -> ir.Model:
     kwargs = {"dynamo": True, "optimize": False} if dynamo else {"dynamo": False}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -111,8 +113,16 @@ POSITIVE = {
 }
 
 
-@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo18", "legacy17"])
-@pytest.mark.parametrize("case", list(POSITIVE))
+# dynamo exports cost ~4 s each on 2 cores: two of them run by default, the rest are marked slow.
+FAST_DYNAMO = {"two_axes", "mul_rsqrt"}
+CASES = [
+    pytest.param(case, dynamo, id=f"{case}-{'dynamo18' if dynamo else 'legacy17'}", marks=marks)
+    for case in POSITIVE
+    for dynamo, marks in ((True, () if case in FAST_DYNAMO else (pytest.mark.slow,)), (False, ()))
+]
+
+
+@pytest.mark.parametrize(("case", "dynamo"), CASES)
 def test_handwritten_layernorm_fuses(case: str, dynamo: bool, tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = Wrap(POSITIVE[case]).eval()
