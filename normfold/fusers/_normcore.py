@@ -181,6 +181,14 @@ class GraphFacts:
         self._const: dict[int, np.ndarray | None] = {}
         self._inferred: dict[str, tuple[Shape | None, ir.DataType | None]] | None = None
 
+    def prime(self) -> None:
+        """Run shape inference now, while the graph is still the input graph.
+
+        A fused node emitted before the opset is raised (GroupNormalization-21 in an opset-17 graph)
+        would make a later inference fail, so passes prime the facts before their first rewrite.
+        """
+        self._infer()
+
     # -- shapes ---------------------------------------------------------------------------------
     def _infer(self) -> dict[str, tuple[Shape | None, ir.DataType | None]]:
         if self._inferred is not None:

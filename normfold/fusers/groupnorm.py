@@ -100,6 +100,8 @@ class GroupNormFusion(NormfoldPass):
                 opset_reason = opset_raise_blocker(model, target)
                 raise_to = target
         created: list[ir.Node] = []
+        if any(n.op_type in ("InstanceNormalization", "ReduceMean") for n in graph):
+            facts.prime()
         for node in list(graph):
             if node.graph is not graph or node.domain not in ("", "ai.onnx"):
                 continue

@@ -78,6 +78,8 @@ class LayerNormFusion(NormfoldPass):
                 opset_reason = opset_raise_blocker(model, target)
                 raise_to = target
         created: list[ir.Node] = []
+        if any(n.op_type in ("ReduceMean",) for n in graph):
+            facts.prime()
         for node in [n for n in graph if n.op_type == "ReduceMean" and n.domain in ("", "ai.onnx")]:
             if node.graph is not graph:
                 continue  # removed by an earlier fusion

@@ -192,3 +192,20 @@ def test_opset_raise_allows_type_only_changes(tmp_path: Path) -> None:
 
     assert opset_raise_blocker(model, 21) is None
     assert opset_raise_blocker(model, 17) is None
+
+
+def test_every_site_of_a_stack_fuses(tmp_path: Path) -> None:
+    """Regression: shapes of later sites come from inference run before the first rewrite."""
+    torch.manual_seed(0)
+    module = nn.Sequential(_groupnorm(), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1), _groupnorm(2, 8)).eval()
+    x = torch.randn(1, 8, 6, 6)
+    model = _export(module, x, tmp_path / "m.onnx", False, 17)
+    ctx = PassContext(target_opset=21)
+
+    assert GroupNormFusion(ctx)(model).modified
+
+    assert [e.status for e in ctx.events] == ["applied", "applied"]
+    assert _ops(model).count("GroupNormalization") == 2
+    assert "InstanceNormalization" not in _ops(model)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(model, x.numpy()), module(x).numpy(), atol=ATOL, rtol=RTOL)

@@ -1,0 +1,126 @@
+"""ORT CPU latency of a UNet ResBlock stack: legacy export at opset 17 vs GroupNormalization-21.
+
+The legacy TorchScript exporter writes every GroupNorm as Reshape → InstanceNormalization → Reshape →
+Mul → Add; :class:`normfold.fusers.groupnorm.GroupNormFusion` with ``target_opset=21`` turns each into
+one GroupNormalization-21. Both models run in this one process, alternately, with the same input; the
+script prints the medians and the ratio (goal: the fused model ≥ 1.3× faster).
+
+Run: ``python benchmarks/groupnorm_latency.py [--blocks 4] [--channels 64] [--size 64] [--iters 30]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from normfold.fusers.base import PassContext
+from normfold.fusers.groupnorm import GroupNormFusion
+
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → Conv3x3 → GroupNorm → SiLU → Conv3x3, plus the identity skip."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        for norm in (self.norm1, self.norm2):
+            with torch.no_grad():
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(nn.functional.silu(self.norm1(x)))
+        return x + self.conv2(nn.functional.silu(self.norm2(h)))
+
+
+def build(blocks: int, channels: int, groups: int) -> nn.Module:
+    """The zoo's ``unet_resblock`` stacked ``blocks`` times when the zoo has it, else the local ResBlock."""
+    try:
+        from normfold.models.registry import ZOO
+
+        entry = ZOO.get("unet_resblock")
+    except ImportError:
+        entry = None
+    if entry is not None:
+        return nn.Sequential(*[entry.build() for _ in range(blocks)]).eval()
+    torch.manual_seed(0)
+    return nn.Sequential(*[ResBlock(channels, groups) for _ in range(blocks)]).eval()
+
+
+def median_ms(session: ort.InferenceSession, feeds: dict[str, np.ndarray], iters: int) -> list[float]:
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--groups", type=int, default=32)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+
+    model = build(args.blocks, args.channels, args.groups)
+    x = torch.randn(1, args.channels, args.size, args.size)
+    with tempfile.TemporaryDirectory() as tmp:
+        before_path = Path(tmp) / "legacy17.onnx"
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), str(before_path), dynamo=False, opset_version=17)
+        fused = ir.load(before_path)
+        ctx = PassContext(target_opset=21)
+        GroupNormFusion(ctx)(fused)
+        after_path = Path(tmp) / "gn21.onnx"
+        ir.save(fused, after_path)
+        applied = sum(e.status == "applied" for e in ctx.events)
+
+        providers = ["CPUExecutionProvider"]
+        before = ort.InferenceSession(str(before_path), providers=providers)
+        after = ort.InferenceSession(str(after_path), providers=providers)
+    feeds = {before.get_inputs()[0].name: x.numpy()}
+    y_before = before.run(None, feeds)[0]
+    y_after = after.run(None, feeds)[0]
+    with torch.no_grad():
+        eager = model(x).numpy()
+    for _ in range(args.warmup):
+        before.run(None, feeds)
+        after.run(None, feeds)
+    t_before: list[float] = []
+    t_after: list[float] = []
+    for _ in range(args.iters):  # interleaved, so drift hits both sides alike
+        t_before += median_ms(before, feeds, 1)
+        t_after += median_ms(after, feeds, 1)
+    m_before, m_after = statistics.median(t_before), statistics.median(t_after)
+    print(f"model: {args.blocks} ResBlocks, C={args.channels}, G={args.groups}, input {tuple(x.shape)}")
+    print(f"onnxruntime {ort.__version__}, CPU EP, default session options; {args.iters} interleaved runs")
+    print(f"GroupNorm sites fused: {applied}; max |after - before| = {np.abs(y_after - y_before).max():.2e}, ")
+    print(f"max |after - eager| = {np.abs(y_after - eager).max():.2e}")
+    print(f"{'model':<34}{'median ms':>10}{'min ms':>10}")
+    print(f"{'legacy opset 17 (IN emulation)':<34}{m_before:>10.2f}{min(t_before):>10.2f}")
+    print(f"{'fused GroupNormalization-21':<34}{m_after:>10.2f}{min(t_after):>10.2f}")
+    print(f"speed-up (before / after): {m_before / m_after:.2f}x  (goal >= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()
