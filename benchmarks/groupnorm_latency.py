@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
     args = parser.parse_args()
 
     model = build(args.blocks, args.channels, args.groups)
@@ -96,8 +97,10 @@ def main() -> None:
         applied = sum(e.status == "applied" for e in ctx.events)
 
         providers = ["CPUExecutionProvider"]
-        before = ort.InferenceSession(str(before_path), providers=providers)
-        after = ort.InferenceSession(str(after_path), providers=providers)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        before = ort.InferenceSession(str(before_path), options, providers=providers)
+        after = ort.InferenceSession(str(after_path), options, providers=providers)
     feeds = {before.get_inputs()[0].name: x.numpy()}
     y_before = before.run(None, feeds)[0]
     y_after = after.run(None, feeds)[0]
@@ -113,7 +116,7 @@ def main() -> None:
         t_after += median_ms(after, feeds, 1)
     m_before, m_after = statistics.median(t_before), statistics.median(t_after)
     print(f"model: {args.blocks} ResBlocks, C={args.channels}, G={args.groups}, input {tuple(x.shape)}")
-    print(f"onnxruntime {ort.__version__}, CPU EP, default session options; {args.iters} interleaved runs")
+    print(f"onnxruntime {ort.__version__}, CPU EP, intra-op threads {args.threads or 'default'}; {args.iters} interleaved runs")
     print(f"GroupNorm sites fused: {applied}; max |after - before| = {np.abs(y_after - y_before).max():.2e}, ")
     print(f"max |after - eager| = {np.abs(y_after - eager).max():.2e}")
     print(f"{'model':<34}{'median ms':>10}{'min ms':>10}")
