@@ -34,6 +34,7 @@ from normfold.exporter.provenance import module_path
 logger = logging.getLogger(__name__)
 
 Shape = tuple[int | None, ...]
+SymShape = tuple[int | str | None, ...]
 
 # Ops whose value we compute when all their inputs are constant (cheap, shape-sized data).
 _FOLDABLE = {
@@ -179,7 +180,7 @@ class GraphFacts:
     def __init__(self, model: ir.Model) -> None:
         self.model = model
         self._const: dict[int, np.ndarray | None] = {}
-        self._inferred: dict[str, tuple[Shape | None, ir.DataType | None]] | None = None
+        self._inferred: dict[str, tuple[SymShape | None, ir.DataType | None]] | None = None
 
     def prime(self) -> None:
         """Run shape inference now, while the graph is still the input graph.
@@ -190,7 +191,7 @@ class GraphFacts:
         self._infer()
 
     # -- shapes ---------------------------------------------------------------------------------
-    def _infer(self) -> dict[str, tuple[Shape | None, ir.DataType | None]]:
+    def _infer(self) -> dict[str, tuple[SymShape | None, ir.DataType | None]]:
         if self._inferred is not None:
             return self._inferred
         self._inferred = {}
@@ -205,11 +206,29 @@ class GraphFacts:
         for info in [*graph.input, *graph.value_info, *graph.output]:
             tensor_type = info.type.tensor_type
             dtype = ir.DataType(tensor_type.elem_type) if tensor_type.elem_type else None
-            shape: Shape | None = None
+            shape: SymShape | None = None
             if tensor_type.HasField("shape"):
-                shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+                shape = tuple(_dim(d) for d in tensor_type.shape.dim)
             self._inferred[info.name] = (shape, dtype)
         return self._inferred
+
+    def sym_shape(self, value: ir.Value | None) -> SymShape | None:
+        """Like :meth:`shape`, but a dynamic dim is its symbol (``"n"``) when one is known.
+
+        Two dims with the same symbol are equal at run time: onnx's data propagation names a dim that it
+        traced through Shape/Gather/Concat/Reshape after the input dim it came from.
+        """
+        if value is None:
+            return None
+        own: SymShape | None = None
+        if value.shape is not None:
+            own = tuple(d if isinstance(d, int) else _sym(d) for d in value.shape)
+        inferred = self._infer().get(value.name or "", (None, None))[0]
+        if own is None or (inferred is not None and len(own) != len(inferred)):
+            return inferred
+        if inferred is None:
+            return own
+        return tuple(a if a is not None else b for a, b in zip(own, inferred, strict=True))
 
     def shape(self, value: ir.Value | None) -> Shape | None:
         """The value's shape with ``None`` for unknown dims, or None when even the rank is unknown."""
@@ -222,7 +241,8 @@ class GraphFacts:
             own = tuple(d if isinstance(d, int) else None for d in value.shape)
             if all(d is not None for d in own):
                 return own
-        inferred = self._infer().get(value.name or "", (None, None))[0]
+        sym = self._infer().get(value.name or "", (None, None))[0]
+        inferred = None if sym is None else tuple(d if isinstance(d, int) else None for d in sym)
         if inferred is None:
             return own
         if own is None or len(own) != len(inferred):
@@ -304,6 +324,19 @@ class GraphFacts:
         end_attr = node.attributes.get("end")
         end = end_attr.as_int() if end_attr is not None else None
         return np.asarray(shape[start:end], dtype=np.int64)
+
+
+def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    if dim.HasField("dim_value"):
+        return int(dim.dim_value)
+    if dim.HasField("dim_param") and not dim.dim_param.startswith("unk__"):
+        return str(dim.dim_param)
+    return None
+
+
+def _sym(dim: object) -> str | None:
+    value = getattr(dim, "value", None)
+    return value if isinstance(value, str) and not value.startswith("unk__") else None
 
 
 def _int_attr(node: ir.Node, name: str, default: int) -> int:

@@ -294,11 +294,16 @@ def _group_layout(facts: GraphFacts, reshape: ir.Node) -> tuple[ir.Value, int] |
         if rest != -1 and (inner is None or groups * rest != channels * inner):
             return f"reshape to {dims} does not match the group layout of a {list(shape)} input"
     else:
-        out = facts.shape(reshape.outputs[0])
-        if out is None or len(out) != 3 or out[0] != shape[0] or out[1] is None:
-            return "the grouped reshape's target is not constant"
+        # A run-time target (x.view(x.shape[0], G, -1) with a dynamic batch): with the batch dim provably
+        # kept and G rows, each row holds C/G·ΠS elements because Reshape preserves the element count.
+        out = facts.sym_shape(reshape.outputs[0])
+        batch = (facts.sym_shape(x) or (None,))[0]
+        if out is None or len(out) != 3 or not isinstance(out[1], int):
+            return "the grouped reshape's target is not constant and its output shape is unknown"
+        if batch is None or out[0] != batch:
+            return f"cannot prove the reshape to {list(out)} keeps the batch axis of a {list(shape)} input"
         groups = int(out[1])
-        if out[2] is None or inner is None or groups * out[2] != channels * inner:
+        if isinstance(out[2], int) and (inner is None or groups * out[2] != channels * inner):
             return f"reshape to {list(out)} does not match the group layout of a {list(shape)} input"
     if channels % groups:
         return (
@@ -318,10 +323,10 @@ def _restores_shape(facts: GraphFacts, back: ir.Node, x: ir.Value) -> str | None
     want = facts.static_shape(x)
     dims = facts.const(target)
     if dims is None or want is None:
-        got = facts.static_shape(back.outputs[0])
-        if got is not None and got == want:
-            return None
-        return "cannot prove the reshape back restores the input shape"
+        got, sym_want = facts.sym_shape(back.outputs[0]), facts.sym_shape(x)
+        if got is not None and got == sym_want and all(d is not None for d in got):
+            return None  # equal dims or equal symbols: the same shape at run time
+        return f"cannot prove the reshape back ({got}) restores the input shape {sym_want}"
     resolved = [int(d) for d in dims.reshape(-1)]
     src = facts.shape(back.inputs[0]) or ()
     for i, d in enumerate(resolved):

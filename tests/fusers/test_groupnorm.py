@@ -209,3 +209,30 @@ def test_every_site_of_a_stack_fuses(tmp_path: Path) -> None:
     assert "InstanceNormalization" not in _ops(model)
     with torch.no_grad():
         np.testing.assert_allclose(_run(model, x.numpy()), module(x).numpy(), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("case", ["nn", "hand"])
+def test_dynamic_batch_legacy_export_fuses(case: str, tmp_path: Path) -> None:
+    """x.view(x.shape[0], G, -1) with a dynamic batch: the group layout is proven from shape symbols."""
+    torch.manual_seed(0)
+    module = Wrap(_groupnorm() if case == "nn" else HandGN()).eval()
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (torch.randn(2, 8, 5, 5),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "n"}},
+        )
+    model = ir.load(path)
+
+    assert GroupNormFusion(PassContext(target_opset=21))(model).modified
+
+    assert _ops(model) == ["GroupNormalization"]
+    x = torch.randn(3, 8, 5, 5)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(model, x.numpy()), module(x).numpy(), atol=ATOL, rtol=RTOL)
