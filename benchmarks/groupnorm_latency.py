@@ -5,7 +5,7 @@ Mul → Add; :class:`normfold.fusers.groupnorm.GroupNormFusion` with ``target_op
 one GroupNormalization-21. Both models run in this one process, alternately, with the same input; the
 script prints the medians and the ratio (goal: the fused model ≥ 1.3× faster).
 
-Run: ``python benchmarks/groupnorm_latency.py [--blocks 4] [--channels 64] [--size 64] [--iters 30]``
+Run: ``python benchmarks/groupnorm_latency.py [--blocks 4] [--size 16] [--threads 1] [--iters 30]``
 """
 
 from __future__ import annotations
@@ -27,39 +27,20 @@ from torch import nn
 
 from normfold.fusers.base import PassContext
 from normfold.fusers.groupnorm import GroupNormFusion
+from normfold.models import ZOO, seeded_inputs
 
 
-class ResBlock(nn.Module):
-    """GroupNorm → SiLU → Conv3x3 → GroupNorm → SiLU → Conv3x3, plus the identity skip."""
+class Stack(nn.Module):
+    """``blocks`` copies of the zoo's ``unet_resblock`` (2 GroupNorms each) sharing the time embedding."""
 
-    def __init__(self, channels: int, groups: int) -> None:
+    def __init__(self, blocks: int) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, channels)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-        for norm in (self.norm1, self.norm2):
-            with torch.no_grad():
-                norm.weight.uniform_(0.5, 1.5)
-                norm.bias.uniform_(-0.5, 0.5)
+        self.blocks = nn.ModuleList(ZOO["unet_resblock"].build() for _ in range(blocks))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(nn.functional.silu(self.norm1(x)))
-        return x + self.conv2(nn.functional.silu(self.norm2(h)))
-
-
-def build(blocks: int, channels: int, groups: int) -> nn.Module:
-    """The zoo's ``unet_resblock`` stacked ``blocks`` times when the zoo has it, else the local ResBlock."""
-    try:
-        from normfold.models.registry import ZOO
-
-        entry = ZOO.get("unet_resblock")
-    except ImportError:
-        entry = None
-    if entry is not None:
-        return nn.Sequential(*[entry.build() for _ in range(blocks)]).eval()
-    torch.manual_seed(0)
-    return nn.Sequential(*[ResBlock(channels, groups) for _ in range(blocks)]).eval()
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, t)
+        return x
 
 
 def median_ms(session: ort.InferenceSession, feeds: dict[str, np.ndarray], iters: int) -> list[float]:
@@ -73,22 +54,23 @@ def median_ms(session: ort.InferenceSession, feeds: dict[str, np.ndarray], iters
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--channels", type=int, default=64)
-    parser.add_argument("--groups", type=int, default=32)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--blocks", type=int, default=4, help="unet_resblock copies (2 GroupNorms each)")
+    parser.add_argument("--size", type=int, default=0, help="spatial size (0: the zoo's 16)")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
     args = parser.parse_args()
 
-    model = build(args.blocks, args.channels, args.groups)
-    x = torch.randn(1, args.channels, args.size, args.size)
+    torch.manual_seed(0)
+    model = Stack(args.blocks).eval()
+    x, t = seeded_inputs(ZOO["unet_resblock"].inputs)
+    if args.size:
+        x = torch.randn(1, x.shape[1], args.size, args.size, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         before_path = Path(tmp) / "legacy17.onnx"
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x,), str(before_path), dynamo=False, opset_version=17)
+            torch.onnx.export(model, (x, t), str(before_path), dynamo=False, opset_version=17)
         fused = ir.load(before_path)
         ctx = PassContext(target_opset=21)
         GroupNormFusion(ctx)(fused)
@@ -101,11 +83,11 @@ def main() -> None:
         options.intra_op_num_threads = args.threads
         before = ort.InferenceSession(str(before_path), options, providers=providers)
         after = ort.InferenceSession(str(after_path), options, providers=providers)
-    feeds = {before.get_inputs()[0].name: x.numpy()}
+    feeds = {i.name: v.numpy() for i, v in zip(before.get_inputs(), (x, t), strict=True)}
     y_before = before.run(None, feeds)[0]
     y_after = after.run(None, feeds)[0]
     with torch.no_grad():
-        eager = model(x).numpy()
+        eager = model(x, t).numpy()
     for _ in range(args.warmup):
         before.run(None, feeds)
         after.run(None, feeds)
@@ -115,9 +97,10 @@ def main() -> None:
         t_before += median_ms(before, feeds, 1)
         t_after += median_ms(after, feeds, 1)
     m_before, m_after = statistics.median(t_before), statistics.median(t_after)
-    print(f"model: {args.blocks} ResBlocks, C={args.channels}, G={args.groups}, input {tuple(x.shape)}")
-    print(f"onnxruntime {ort.__version__}, CPU EP, intra-op threads {args.threads or 'default'}; {args.iters} interleaved runs")
-    print(f"GroupNorm sites fused: {applied}; max |after - before| = {np.abs(y_after - y_before).max():.2e}, ")
+    print(f"model: {args.blocks} x zoo unet_resblock ({2 * args.blocks} GroupNorms), x {tuple(x.shape)}")
+    threads = args.threads or "default"
+    print(f"onnxruntime {ort.__version__}, CPU EP, intra-op threads {threads}; {args.iters} interleaved runs")
+    print(f"GroupNorm sites fused: {applied}; max |after - before| = {np.abs(y_after - y_before).max():.2e}")
     print(f"max |after - eager| = {np.abs(y_after - eager).max():.2e}")
     print(f"{'model':<34}{'median ms':>10}{'min ms':>10}")
     print(f"{'legacy opset 17 (IN emulation)':<34}{m_before:>10.2f}{min(t_before):>10.2f}")
