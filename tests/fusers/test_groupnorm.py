@@ -27,9 +27,7 @@ ATOL, RTOL = 1e-5, 1e-4
 class HandGN(nn.Module):
     """The zoo's ``groupnorm_handwritten`` form: view(N, G, -1), mean, var, view back, per-channel affine."""
 
-    def __init__(
-        self, channels: int = 8, groups: int = 4, unbiased: bool = False, view: str = "group"
-    ) -> None:
+    def __init__(self, channels: int = 8, groups: int = 4, unbiased: bool = False, view: str = "group") -> None:
         super().__init__()
         self.groups, self.unbiased, self.view = groups, unbiased, view
         self.w = nn.Parameter(torch.randn(channels))
@@ -94,13 +92,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("case", "dynamo", "opset"), CASES)
-def test_groupnorm_fuses_to_gn21_when_target_opset_asks(
-    case: str, dynamo: bool, opset: int, tmp_path: Path
-) -> None:
+def test_groupnorm_fuses_to_gn21_when_target_opset_asks(case: str, dynamo: bool, opset: int, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    norm = {"nn": lambda: _groupnorm(), "nn_no_affine": lambda: _groupnorm(affine=False), "hand": HandGN}[
-        case
-    ]()
+    norm = {"nn": lambda: _groupnorm(), "nn_no_affine": lambda: _groupnorm(affine=False), "hand": HandGN}[case]()
     module = Wrap(norm).eval()
     x = torch.randn(2, 8, 5, 5)
     model = _export(module, x, tmp_path / "m.onnx", dynamo, opset)
@@ -134,9 +128,7 @@ def test_below_opset_21_without_target_is_left_alone(tmp_path: Path) -> None:
 
     assert ir.to_proto(model).SerializeToString() == before
     assert [e.status for e in ctx.events] == ["skipped"]
-    assert ctx.events[0].reason == (
-        "model opset 17 < 21 (GroupNormalization-21); pass --target-opset 21 to raise it"
-    )
+    assert ctx.events[0].reason == ("model opset 17 < 21 (GroupNormalization-21); pass --target-opset 21 to raise it")
     assert "/gn/InstanceNormalization" in ctx.events[0].nodes
 
 
@@ -236,3 +228,27 @@ def test_dynamic_batch_legacy_export_fuses(case: str, tmp_path: Path) -> None:
     x = torch.randn(3, 8, 5, 5)
     with torch.no_grad():
         np.testing.assert_allclose(_run(model, x.numpy()), module(x).numpy(), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize(("name", "sites"), [("groupnorm_handwritten", 1), ("unet_resblock", 2)])
+def test_zoo_models_fuse_every_groupnorm(name: str, sites: int, tmp_path: Path) -> None:
+    from normfold.models import ZOO, seeded_inputs
+
+    entry = ZOO[name]
+    module, inputs = entry.build(), seeded_inputs(entry.inputs)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, inputs, str(path), dynamo=False, opset_version=17)
+    model = ir.load(path)
+    ctx = PassContext(target_opset=21)
+
+    assert GroupNormFusion(ctx)(model).modified
+
+    assert [e.status for e in ctx.events] == ["applied"] * sites
+    assert _ops(model).count("GroupNormalization") == sites
+    assert not {"InstanceNormalization", "ReduceMean"} & set(_ops(model))
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, module(*inputs).numpy(), atol=ATOL, rtol=RTOL)

@@ -83,9 +83,7 @@ class Wrap(nn.Module):
         return self.norm(*xs)
 
 
-def _export(
-    module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, dynamo: bool, opset: int
-) -> ir.Model:
+def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, dynamo: bool, opset: int) -> ir.Model:
     kwargs = {"dynamo": True, "optimize": False} if dynamo else {"dynamo": False}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -270,3 +268,22 @@ def test_target_opset_raises_and_converts_remaining_reduce_axes() -> None:
     assert "axes" not in reduce.attributes and len(reduce.inputs) == 2
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     np.testing.assert_allclose(_run(model, (torch.from_numpy(x),)), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_zoo_transformer_block_at_opset_14_is_raised_to_17(tmp_path: Path) -> None:
+    """The legacy exporter decomposes nn.LayerNorm below opset 17; --target-opset 17 fuses both back."""
+    from normfold.models import ZOO, seeded_inputs
+
+    entry = ZOO["transformer_block"]
+    module, inputs = entry.build(), seeded_inputs(entry.inputs)
+    model = _export(module, inputs, tmp_path / "m.onnx", dynamo=False, opset=14)
+    ctx = PassContext(target_opset=17)
+
+    assert LayerNormFusion(ctx)(model).modified
+
+    assert model.opset_imports[""] == 17
+    assert _ops(model).count("LayerNormalization") == 2
+    assert "ReduceMean" not in _ops(model)
+    assert sorted(module_path(n) for n in model.graph if n.op_type == "LayerNormalization") == ["ln1", "ln2"]
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(model, inputs), module(*inputs).numpy(), atol=ATOL, rtol=RTOL)
