@@ -196,9 +196,7 @@ class GraphFacts:
             return self._inferred
         self._inferred = {}
         try:
-            proto = onnx.shape_inference.infer_shapes(
-                ir.to_proto(self.model), strict_mode=False, data_prop=True
-            )
+            proto = onnx.shape_inference.infer_shapes(ir.to_proto(self.model), strict_mode=False, data_prop=True)
         except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
             logger.warning("shape inference failed (%s); matching uses the shapes stored in the model", e)
             return self._inferred
@@ -419,9 +417,7 @@ def _fold(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
         return np.prod(a, axis=tuple(axes) if axes else None, keepdims=keep)
     if op == "ConstantOfShape":
         attr = node.attributes.get("value")
-        fill = (
-            np.asarray(attr.as_tensor().numpy()).reshape(-1) if attr is not None else np.zeros(1, np.float32)
-        )
+        fill = np.asarray(attr.as_tensor().numpy()).reshape(-1) if attr is not None else np.zeros(1, np.float32)
         return np.full(tuple(int(s) for s in a.reshape(-1)), fill[0], dtype=fill.dtype)
     return None
 
@@ -566,8 +562,7 @@ def match_core(facts: GraphFacts, mean_node: ir.Node) -> NormCore | Reject | Non
     if std_node.op_type == "Add" and any(producer_op(v) == "Sqrt" for v in std_node.inputs):
         return Reject(
             site,
-            "eps is added to the standard deviation, not to the variance: (x-μ)/(σ+ε) is not a "
-            "LayerNorm/GroupNorm",
+            "eps is added to the standard deviation, not to the variance: (x-μ)/(σ+ε) is not a LayerNorm/GroupNorm",
         )
     if std_node.op_type == "Sqrt" or (std_node.op_type == "Pow" and facts.scalar(std_node.inputs[1]) == 0.5):
         ve = std_node.inputs[0]
@@ -608,9 +603,7 @@ def match_core(facts: GraphFacts, mean_node: ir.Node) -> NormCore | Reject | Non
                 return Reject(site, f"intermediate {out.name!r} is a graph output")
             for user in _consumers(out):
                 if id(user) not in internal:
-                    return Reject(
-                        site, f"intermediate {out.name!r} is also used by {user.op_type} {user.name!r}"
-                    )
+                    return Reject(site, f"intermediate {out.name!r} is also used by {user.op_type} {user.name!r}")
     return NormCore(x=x, axes=axes, rank=rank, eps=eps, output=output, anchor=mean_node, nodes=m.nodes)
 
 
@@ -677,7 +670,7 @@ def _match_variance(
     raw = reduce_axes(facts, node)
     v_axes = normalize_axes(raw, rank) if raw is not None else None
     if v_axes != axes:
-        return f"the variance reduces over axes {_fmt(raw)} but the mean over axes {_fmt(axes)}"
+        return f"the variance reduces over axes {_fmt(v_axes or raw)} but the mean over axes {_fmt(axes)}"
     sq = node.inputs[0]
     sq_node = sq.producer() if sq is not None else None
     if sq_node is None:
@@ -702,7 +695,7 @@ def _match_variance(
     raw2 = reduce_axes(facts, mean2)
     axes2 = normalize_axes(raw2, rank) if raw2 is not None else None
     if axes2 != axes:
-        return f"the variance's mean reduces over axes {_fmt(raw2)} but the mean over axes {_fmt(axes)}"
+        return f"the variance's mean reduces over axes {_fmt(axes2 or raw2)} but the mean over axes {_fmt(axes)}"
     m.add(dev_node, mean2)
     return None
 

@@ -190,9 +190,7 @@ def raise_opset(model: ir.Model, target: int, *, exclude: Collection[ir.Node] = 
     needed = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", target)])
     if model.ir_version < needed:
         model.ir_version = needed
-    logger.info(
-        "raised opset %d → %d (%d Reduce nodes moved axes to an input)", current, target, len(rewritten)
-    )
+    logger.info("raised opset %d → %d (%d Reduce nodes moved axes to an input)", current, target, len(rewritten))
     return rewritten
 
 

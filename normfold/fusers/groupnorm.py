@@ -116,7 +116,7 @@ class GroupNormFusion(NormfoldPass):
             if isinstance(plan, Reject):
                 self.skipped(plan.nodes, plan.reason)
                 continue
-            if self.site_disabled(node.name or ""):
+            if self.site_disabled(plan.nodes[0].name or ""):
                 self.skipped(plan.nodes, "disabled by verification at this site")
                 continue
             if opset_reason is not None:
@@ -143,9 +143,7 @@ class GroupNormFusion(NormfoldPass):
         if s_g is None or b_g is None:
             return Reject(site, "InstanceNormalization scale/bias are not constant")
         if s_g.size != g or b_g.size != g:
-            return Reject(
-                site, f"InstanceNormalization has {s_g.size} channels, the reshape makes {g} groups"
-            )
+            return Reject(site, f"InstanceNormalization has {s_g.size} channels, the reshape makes {g} groups")
         eps_attr = node.attributes.get("epsilon")
         eps = eps_attr.as_float() if eps_attr is not None else 1e-5
         return self._finish(facts, x, g, eps, node, [reshape, node], s_g.reshape(-1), b_g.reshape(-1))
@@ -273,9 +271,7 @@ def _group_layout(facts: GraphFacts, reshape: ir.Node) -> tuple[ir.Value, int] |
     if channels is None:
         return "the channel count C is not static"
     spatial = shape[2:]
-    inner = (
-        int(np.prod([d for d in spatial if d is not None])) if all(d is not None for d in spatial) else None
-    )
+    inner = int(np.prod([d for d in spatial if d is not None])) if all(d is not None for d in spatial) else None
     target = facts.const(reshape.inputs[1])
     allowzero = reshape.attributes.get("allowzero")
     if target is not None:
@@ -306,9 +302,7 @@ def _group_layout(facts: GraphFacts, reshape: ir.Node) -> tuple[ir.Value, int] |
         if isinstance(out[2], int) and (inner is None or groups * out[2] != channels * inner):
             return f"reshape to {list(out)} does not match the group layout of a {list(shape)} input"
     if channels % groups:
-        return (
-            f"group count {groups} does not divide C={channels}: the reshape does not follow channel groups"
-        )
+        return f"group count {groups} does not divide C={channels}: the reshape does not follow channel groups"
     return x, groups
 
 

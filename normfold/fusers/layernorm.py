@@ -89,7 +89,7 @@ class LayerNormFusion(NormfoldPass):
             if isinstance(found, Reject):
                 self.skipped(found.nodes, found.reason)
                 continue
-            if self.site_disabled(node.name or ""):
+            if self.site_disabled(found.nodes[0].name or ""):
                 self.skipped(found.nodes, "disabled by verification at this site")
                 continue
             plan = self._plan(facts, found)
@@ -185,9 +185,7 @@ class LayerNormFusion(NormfoldPass):
 class _Plan:
     """What to emit for one matched LayerNorm site."""
 
-    def __init__(
-        self, core: NormCore, axis: int, dtype: ir.DataType, norm_shape: tuple[int | None, ...]
-    ) -> None:
+    def __init__(self, core: NormCore, axis: int, dtype: ir.DataType, norm_shape: tuple[int | None, ...]) -> None:
         self.core = core
         self.axis = axis
         self.dtype = dtype

@@ -156,7 +156,7 @@ LOOK_ALIKES = {
     "eps_on_std": "standard deviation",
     "eps_input": "not a constant",
     "other_stats": "different tensor",
-    "mixed_axes": "axes",
+    "mixed_axes": "the variance reduces over axes [1] but the mean over axes [2]",
     "channel_axis": "not the trailing axes",
 }
 
@@ -287,3 +287,16 @@ def test_zoo_transformer_block_at_opset_14_is_raised_to_17(tmp_path: Path) -> No
     assert sorted(module_path(n) for n in model.graph if n.op_type == "LayerNormalization") == ["ln1", "ln2"]
     with torch.no_grad():
         np.testing.assert_allclose(_run(model, inputs), module(*inputs).numpy(), atol=ATOL, rtol=RTOL)
+
+
+def test_site_disabled_by_verification_is_skipped(tmp_path: Path) -> None:
+    """The pipeline disables a rule at the node an event names first; the pass must then leave it."""
+    model = _export(Wrap(HandLN(1)), (torch.randn(2, 3, 8),), tmp_path / "m.onnx", dynamo=False, opset=17)
+    ctx = PassContext(disabled_sites={("fuse_layernorm", "/norm/ReduceMean")})
+
+    assert not LayerNormFusion(ctx)(model).modified
+
+    assert "LayerNormalization" not in _ops(model)
+    assert [(e.status, e.nodes[0], e.reason) for e in ctx.events] == [
+        ("skipped", "/norm/ReduceMean", "disabled by verification at this site")
+    ]
