@@ -142,8 +142,15 @@ def opset_raise_blocker(model: ir.Model, target: int, *, exclude: Collection[ir.
     newest = onnx.defs.onnx_opset_version()
     if target > newest:
         return f"target opset {target} is newer than this onnx ({onnx.__version__}) knows (max {newest})"
+    nodes = [n for n in _default_domain_nodes(model) if id(n) not in skip]
+    if current < 14 <= target and any(n.op_type == "BatchNormalization" and len(n.outputs) > 1 for n in nodes):
+        # BN-9's extra outputs mean training statistics; from BN-14 they are invalid unless training_mode=1.
+        return (
+            f"raising opset {current} → {target}: a BatchNormalization with training outputs would change "
+            "meaning at BatchNormalization-14 (training_mode)"
+        )
     blocked: dict[str, list[int]] = {}
-    for op_type in sorted({n.op_type for n in _default_domain_nodes(model) if id(n) not in skip}):
+    for op_type in sorted({n.op_type for n in nodes}):
         if _since(op_type, current) is None:
             continue  # not an op at the current opset (e.g. a local function): nothing to restamp
         for version in _changes(op_type, current, target):

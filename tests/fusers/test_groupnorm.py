@@ -252,3 +252,21 @@ def test_zoo_models_fuse_every_groupnorm(name: str, sites: int, tmp_path: Path) 
     got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, module(*inputs).numpy(), atol=ATOL, rtol=RTOL)
+
+
+def test_opset_raise_refuses_training_batchnorm_outputs() -> None:
+    outs = ["y", "mean", "var", "saved_mean", "saved_var"]
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], outs)]
+    params = [helper.make_tensor(n, TensorProto.FLOAT, [2], [1.0, 1.0]) for n in "sbmv"]
+    graph = helper.make_graph(
+        nodes,
+        "bn9",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outs],
+        params,
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=4))
+
+    reason = opset_raise_blocker(model, 21)
+
+    assert reason is not None and "training_mode" in reason
