@@ -101,36 +101,47 @@ def owner_path(nodes: Sequence[ir.Node], preferred: ir.Node | None = None) -> st
     return None
 
 
-def unique_name(graph: ir.Graph, base: str) -> str:
-    """A value name not yet used by an input, initializer or node output of ``graph``."""
-    taken = {v.name for v in graph.inputs} | set(graph.initializers)
-    taken |= {o.name for node in graph for o in node.outputs}
-    name, i = base, 0
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    return name
+class Names:
+    """Fresh names for values and nodes of one model, collected once per pass run (linear, not per site)."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self._taken: set[str] = set()
+        for graph in model.graphs():
+            self._taken.update(v.name for v in graph.inputs if v.name)
+            self._taken.update(graph.initializers)
+            for node in graph:
+                if node.name:
+                    self._taken.add(node.name)
+                self._taken.update(o.name for o in node.outputs if o.name)
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 0
+        while name in self._taken:
+            i += 1
+            name = f"{base}_{i}"
+        self._taken.add(name)
+        return name
 
 
-def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer with a unique name and return its value."""
-    value = ir.Value(name=unique_name(graph, base), const_value=ir.tensor(np.ascontiguousarray(array)))
+def add_initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer with a fresh name and return its value."""
+    value = ir.Value(name=names.fresh(base), const_value=ir.tensor(np.ascontiguousarray(array)))
     value.shape = ir.Shape(array.shape)
     value.dtype = value.const_value.dtype
     graph.register_initializer(value)
     return value
 
 
-def replace_output(graph: ir.Graph, old: ir.Value, new: ir.Value, base: str) -> None:
+def replace_output(names: Names, old: ir.Value, new: ir.Value, base: str) -> None:
     """Point every use of ``old`` at ``new``; a graph output keeps its public name."""
     was_output = old.is_graph_output()
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
     if was_output and old.name is not None:
         public = old.name
-        old.name = unique_name(graph, f"{public}_replaced")
+        old.name = names.fresh(f"{public}_replaced")
         new.name = public
     else:
-        new.name = unique_name(graph, base)
+        new.name = names.fresh(base)
 
 
 def remove_dead(graph: ir.Graph, nodes: Iterable[ir.Node]) -> None:
@@ -179,7 +190,7 @@ class GraphFacts:
 
     def __init__(self, model: ir.Model) -> None:
         self.model = model
-        self._const: dict[int, np.ndarray | None] = {}
+        self._const: dict[ir.Value, np.ndarray | None] = {}  # keyed by the value: ids get reused
         self._inferred: dict[str, tuple[SymShape | None, ir.DataType | None]] | None = None
 
     def prime(self) -> None:
@@ -269,10 +280,9 @@ class GraphFacts:
         """The value as a numpy array when it is computable from constants alone, else None."""
         if value is None:
             return None
-        key = id(value)
-        if key not in self._const:
-            self._const[key] = self._compute(value)
-        return self._const[key]
+        if value not in self._const:
+            self._const[value] = self._compute(value)
+        return self._const[value]
 
     def scalar(self, value: ir.Value | None) -> float | None:
         """The value as one float when it is a constant whose elements are all equal."""
@@ -473,16 +483,6 @@ def single_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
         return None
     node = uses[0].node
     return node if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
-
-
-def last_node(graph: ir.Graph, nodes: Sequence[ir.Node]) -> ir.Node:
-    """The node of ``nodes`` that comes last in graph order (a fused node goes right after it)."""
-    wanted = {id(n) for n in nodes}
-    last = nodes[0]
-    for node in graph:
-        if id(node) in wanted:
-            last = node
-    return last
 
 
 @dataclass

@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 
 from normfold.errors import FusionError
-from normfold.fusers._normcore import opset_of, unique_name
+from normfold.fusers._normcore import Names, opset_of
 
 logger = logging.getLogger(__name__)
 
@@ -183,9 +183,10 @@ def raise_opset(model: ir.Model, target: int, *, exclude: Collection[ir.Node] = 
     if reason is not None:
         raise FusionError(f"cannot raise the model opset: {reason}")
     rewritten = []
+    names = Names(model)
     for node in _default_domain_nodes(model):
         if node.op_type in _AXES_TO_INPUT_18 and current < 18 <= target and "axes" in node.attributes:
-            _reduce_axes_to_input(node)
+            _reduce_axes_to_input(node, names)
             rewritten.append(node.name or node.op_type)
         if node.version is not None:
             node.version = None
@@ -201,7 +202,7 @@ def raise_opset(model: ir.Model, target: int, *, exclude: Collection[ir.Node] = 
     return rewritten
 
 
-def _reduce_axes_to_input(node: ir.Node) -> None:
+def _reduce_axes_to_input(node: ir.Node, names: Names) -> None:
     """Reduce*-18: ``axes`` moved from an attribute to an optional int64 input (same meaning)."""
     axes = list(node.attributes.pop("axes").as_ints())
     graph = node.graph
@@ -210,9 +211,9 @@ def _reduce_axes_to_input(node: ir.Node) -> None:
         "Constant",
         [],
         attributes={"value": ir.tensor(np.asarray(axes, dtype=np.int64))},
-        name=f"{node.name or node.op_type}_axes",
+        name=names.fresh(f"{node.name or node.op_type}_axes"),
     )
-    const.outputs[0].name = unique_name(graph, f"{node.outputs[0].name or node.op_type}_axes")
+    const.outputs[0].name = names.fresh(f"{node.outputs[0].name or node.op_type}_axes")
     graph.insert_before(node, const)
     node.resize_inputs(2)
     node.replace_input_with(1, const.outputs[0])

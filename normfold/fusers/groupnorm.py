@@ -39,10 +39,10 @@ import onnx_ir as ir
 from normfold.exporter.provenance import set_module_path
 from normfold.fusers._normcore import (
     GraphFacts,
+    Names,
     NormCore,
     Reject,
     add_initializer,
-    last_node,
     match_core,
     opset_of,
     other_operand,
@@ -50,7 +50,6 @@ from normfold.fusers._normcore import (
     remove_dead,
     replace_output,
     single_consumer,
-    unique_name,
 )
 from normfold.fusers._opset import opset_raise_blocker, raise_opset
 from normfold.fusers.base import NormfoldPass, register_pass
@@ -100,6 +99,7 @@ class GroupNormFusion(NormfoldPass):
                 opset_reason = opset_raise_blocker(model, target)
                 raise_to = target
         created: list[ir.Node] = []
+        names = Names(model)
         if any(n.op_type in ("InstanceNormalization", "ReduceMean") for n in graph):
             facts.prime()
         for node in list(graph):
@@ -122,7 +122,7 @@ class GroupNormFusion(NormfoldPass):
             if opset_reason is not None:
                 self.skipped(plan.nodes, opset_reason)
                 continue
-            created.append(self._rewrite(graph, plan))
+            created.append(self._rewrite(graph, names, plan))
         if created and raise_to is not None:
             raise_opset(model, raise_to, exclude=created)
         return bool(created)
@@ -237,21 +237,23 @@ class GroupNormFusion(NormfoldPass):
         )
 
     # -- rewriting ------------------------------------------------------------------------------
-    def _rewrite(self, graph: ir.Graph, plan: _Plan) -> ir.Node:
+    def _rewrite(self, graph: ir.Graph, names: Names, plan: _Plan) -> ir.Node:
         base = plan.output.name or "groupnorm"
-        scale = add_initializer(graph, f"{base}_gn_scale", plan.scale)
-        bias = add_initializer(graph, f"{base}_gn_bias", plan.bias)
+        scale = add_initializer(graph, names, f"{base}_gn_scale", plan.scale)
+        bias = add_initializer(graph, names, f"{base}_gn_bias", plan.bias)
         gn = ir.node(
             "GroupNormalization",
             [plan.x, scale, bias],
             attributes={"num_groups": plan.groups, "epsilon": float(plan.eps), "stash_type": 1},
-            name=unique_name(graph, f"{plan.anchor.name or 'GroupNorm'}_GroupNormalization"),
+            name=names.fresh(f"{plan.anchor.name or 'GroupNorm'}_GroupNormalization"),
         )
         set_module_path(gn, owner_path(plan.nodes, plan.anchor))
         gn.outputs[0].dtype = plan.dtype
         gn.outputs[0].shape = plan.output.shape
-        graph.insert_after(last_node(graph, plan.nodes), gn)
-        replace_output(graph, plan.output, gn.outputs[0], f"{base}_gn")
+        producer = plan.output.producer()
+        assert producer is not None
+        graph.insert_after(producer, gn)  # every replaced node is an ancestor of the output
+        replace_output(names, plan.output, gn.outputs[0], f"{base}_gn")
         remove_dead(graph, reversed(plan.nodes))
         self.applied(
             plan.nodes,

@@ -33,10 +33,10 @@ import onnx_ir as ir
 from normfold.exporter.provenance import set_module_path
 from normfold.fusers._normcore import (
     GraphFacts,
+    Names,
     NormCore,
     Reject,
     add_initializer,
-    last_node,
     match_core,
     opset_of,
     other_operand,
@@ -44,7 +44,6 @@ from normfold.fusers._normcore import (
     remove_dead,
     replace_output,
     single_consumer,
-    unique_name,
 )
 from normfold.fusers._opset import opset_raise_blocker, raise_opset
 from normfold.fusers.base import NormfoldPass, register_pass
@@ -78,6 +77,7 @@ class LayerNormFusion(NormfoldPass):
                 opset_reason = opset_raise_blocker(model, target)
                 raise_to = target
         created: list[ir.Node] = []
+        names = Names(model)
         if any(n.op_type in ("ReduceMean",) for n in graph):
             facts.prime()
         for node in [n for n in graph if n.op_type == "ReduceMean" and n.domain in ("", "ai.onnx")]:
@@ -99,7 +99,7 @@ class LayerNormFusion(NormfoldPass):
             if opset_reason is not None:
                 self.skipped(found.nodes, opset_reason)
                 continue
-            created.append(self._rewrite(graph, plan))
+            created.append(self._rewrite(graph, names, plan))
         if created and raise_to is not None:
             raise_opset(model, raise_to, exclude=created)
         return bool(created)
@@ -143,7 +143,7 @@ class LayerNormFusion(NormfoldPass):
             return Reject(nodes, f"normalized dims {norm_shape} are not static: cannot build a ones scale")
         return plan
 
-    def _rewrite(self, graph: ir.Graph, plan: _Plan) -> ir.Node:
+    def _rewrite(self, graph: ir.Graph, names: Names, plan: _Plan) -> ir.Node:
         core = plan.core
         base = core.output.name or "layernorm"
         dims = tuple(int(d) for d in plan.norm_shape) if all(d is not None for d in plan.norm_shape) else None
@@ -152,10 +152,10 @@ class LayerNormFusion(NormfoldPass):
             if param is None:
                 if fill is not None:
                     assert dims is not None
-                    inputs.append(add_initializer(graph, f"{base}_ln_{suffix}", _ones(dims, plan.dtype)))
+                    inputs.append(add_initializer(graph, names, f"{base}_ln_{suffix}", _ones(dims, plan.dtype)))
                 continue
             if isinstance(param, np.ndarray):
-                inputs.append(add_initializer(graph, f"{base}_ln_{suffix}", param))
+                inputs.append(add_initializer(graph, names, f"{base}_ln_{suffix}", param))
             else:
                 inputs.append(param)
         stash = ir.DataType.DOUBLE if plan.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
@@ -164,15 +164,17 @@ class LayerNormFusion(NormfoldPass):
             "LayerNormalization",
             inputs,
             attributes={"axis": plan.axis, "epsilon": float(core.eps), "stash_type": int(stash)},
-            name=unique_name(graph, f"{core.anchor.name or 'ReduceMean'}_LayerNormalization"),
+            name=names.fresh(f"{core.anchor.name or 'ReduceMean'}_LayerNormalization"),
         )
         set_module_path(ln, owner_path(replaced, core.anchor))
         out = plan.output
         assert out is not None
         ln.outputs[0].dtype = plan.dtype
         ln.outputs[0].shape = out.shape
-        graph.insert_after(last_node(graph, replaced), ln)
-        replace_output(graph, out, ln.outputs[0], f"{base}_ln")
+        producer = out.producer()
+        assert producer is not None
+        graph.insert_after(producer, ln)  # every replaced node is an ancestor of ``out``
+        replace_output(names, out, ln.outputs[0], f"{base}_ln")
         remove_dead(graph, reversed(replaced))
         self.applied(
             replaced,
