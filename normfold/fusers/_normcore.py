@@ -106,6 +106,7 @@ class Names:
 
     def __init__(self, model: ir.Model) -> None:
         self._taken: set[str] = set()
+        self._next: dict[str, int] = {}  # last suffix per base: repeated bases stay O(1)
         for graph in model.graphs():
             self._taken.update(v.name for v in graph.inputs if v.name)
             self._taken.update(graph.initializers)
@@ -115,17 +116,18 @@ class Names:
                 self._taken.update(o.name for o in node.outputs if o.name)
 
     def fresh(self, base: str) -> str:
-        name, i = base, 0
+        name, i = base, self._next.get(base, 0)
         while name in self._taken:
             i += 1
             name = f"{base}_{i}"
+        self._next[base] = i
         self._taken.add(name)
         return name
 
 
 def add_initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer with a fresh name and return its value."""
-    value = ir.Value(name=names.fresh(base), const_value=ir.tensor(np.ascontiguousarray(array)))
+    value = ir.Value(name=names.fresh(base), const_value=ir.Tensor(np.ascontiguousarray(array)))
     value.shape = ir.Shape(array.shape)
     value.dtype = value.const_value.dtype
     graph.register_initializer(value)
