@@ -643,7 +643,7 @@ def _match_variance(
     """None when ``var`` is the population variance of ``x`` over ``axes``; else the reason it is not."""
     node = var.producer()
     if node is None:
-        return f"the variance {var.name!r} is not computed in the graph (non-constant statistics)"
+        return f"the variance {var.name!r} is not computed from the input (stored statistics, as in BatchNorm)"
     # keepdims=0 reductions restored by Reshape/Expand/Unsqueeze (dynamo's torch.var).
     restore: list[ir.Node] = []
     while node is not None and node.op_type in ("Reshape", "Expand", "Unsqueeze"):
@@ -658,7 +658,7 @@ def _match_variance(
                 f"of the variance (shape {got}, expected {want})"
             )
     if node is None:
-        return f"the variance {var.name!r} is not computed in the graph (non-constant statistics)"
+        return f"the variance {var.name!r} is not computed from the input (stored statistics, as in BatchNorm)"
     op = node.op_type
     if op in ("Div", "Mul"):
         return _rescaled_variance_reason(facts, node, x, axes)
@@ -693,7 +693,7 @@ def _match_variance(
         return "the variance is computed from a different tensor than the one being normalized"
     mean2 = _is_mean_of(facts, dev_node.inputs[1], x)
     if mean2 is None:
-        return "the variance's mean is not ReduceMean of the normalized tensor (non-constant statistics)"
+        return "the variance's mean is not ReduceMean of the normalized tensor"
     raw2 = reduce_axes(facts, mean2)
     axes2 = normalize_axes(raw2, rank) if raw2 is not None else None
     if axes2 != axes:
