@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +38,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from normfold.errors import ExportError, OnnxLoadError
+from normfold.errors import ExportError
 from normfold.fusers.base import NormfoldPass, PassContext, RuleEvent
+from normfold.io import load_onnx, save_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -284,10 +284,7 @@ def to_custom_norms(
     if isinstance(src, onnx.ModelProto):
         proto = src
     else:
-        try:
-            proto = onnx.load(str(src))
-        except Exception as e:  # DecodeError, OSError, missing external data
-            raise OnnxLoadError(f"could not read {str(src)!r} as an ONNX model: {e}") from e
+        proto = load_onnx(src)
     try:
         onnx.checker.check_model(proto, full_check=True)
         source_valid = True
@@ -313,15 +310,7 @@ def to_custom_norms(
     path = None
     if dst is not None:
         path = Path(dst)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            onnx.save(out, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_onnx(out, path)
     return CustomNormReport(path, replaced, list(ctx.events), out)
 
 

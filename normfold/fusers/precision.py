@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ import onnx_ir as ir
 from normfold.errors import FusionError, OnnxLoadError, UsageError
 from normfold.exporter.provenance import module_path, set_module_path
 from normfold.fusers.base import NormfoldPass, PassContext
+from normfold.io import load_onnx, save_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -511,14 +511,7 @@ def _load_proto(src: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProt
     """The model with external data in memory and inferred value types (the pass needs every dtype)."""
     if isinstance(src, onnx.ModelProto):
         return _infer_types(src)
-    path = Path(src)
-    if not path.is_file():
-        raise OnnxLoadError(f"ONNX model {str(path)!r} does not exist.")
-    try:
-        model = onnx.load(str(path))
-    except Exception as e:  # protobuf DecodeError, missing external data, ...
-        raise OnnxLoadError(f"could not read {str(path)!r} as an ONNX model: {e}") from e
-    return _infer_types(model)
+    return _infer_types(load_onnx(src))
 
 
 def _infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -527,18 +520,6 @@ def _infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(model)
     except onnx.shape_inference.InferenceError as e:
         raise OnnxLoadError(f"ONNX shape inference failed before precision conversion: {e}") from e
-
-
-def _save_atomic(model: onnx.ModelProto, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 ErrorFn = Callable[[onnx.ModelProto], Mapping[str, float]]
@@ -680,7 +661,7 @@ def convert_precision(
     path = None
     if dst is not None:
         path = Path(dst)
-        _save_atomic(out, path)
+        save_onnx(out, path)
     return PrecisionReport(
         path=path,
         precision=precision,

@@ -31,6 +31,7 @@ from typing import Literal
 import onnx
 
 from normfold.errors import BackendUnavailableError, OnnxLoadError, UsageError
+from normfold.io import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -243,17 +244,6 @@ def validate_config(text: str) -> bool:
     return True
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _external_data_files(model: onnx.ModelProto) -> list[str]:
     """Relative locations of external-data files the model refers to (they must travel with it)."""
     locations: set[str] = set()
@@ -424,7 +414,7 @@ def write_triton_repo(
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dst)
                 notes.append(f"copied external data {location!r}")
-        _atomic_write_text(staging / "config.pbtxt", text)
+        write_text(staging / "config.pbtxt", text)
         if model_dir.exists():
             old = Path(tempfile.mkdtemp(dir=repo_dir, prefix=f".{name}.old."))
             os.replace(model_dir, old / name)
