@@ -290,3 +290,22 @@ def test_layer_tolerance_scales_with_magnitude() -> None:
     assert large.atol == pytest.approx(1e-5 + 1e-4 * 50.0)
     assert large.rtol == tol.rtol
     assert layer_tolerance(tol, np.zeros((0,), dtype=np.float32)).atol == tol.atol
+
+
+def test_module_folded_into_its_parent_is_inlined(probe_onnx: tuple[nn.Module, Path], tmp_path: Path) -> None:
+    """A pass that credits a child's node to its parent: the child is "inlined into a fused op", not lost."""
+    from normfold.exporter.provenance import set_module_path
+
+    module, path = probe_onnx
+    model = onnx.load(str(path))
+    gemm = next(n for n in model.graph.node if module_path(n) == "pair.a")
+    set_module_path(gemm, "pair")
+    restamped = tmp_path / "restamped.onnx"
+    onnx.save(model, str(restamped))
+    layers = compare(module, restamped, (torch.randn(2, 4),), per_layer=True).backends["ort-cpu"].layers
+    by_name = {layer.name: layer for layer in layers.layers}
+    child = by_name["pair.a"]
+    assert child.status == "unmatched" and child.reason_kind == "inlined into a fused op"
+    assert child.fused_into == "pair" and gemm.name in child.reason
+    assert by_name["pair[0]"].status == "pass"  # the parent still carries the value, and it is compared
+    assert layers.counts["unmatched"] == 2  # pair.a and the never-called `unused`
