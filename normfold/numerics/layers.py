@@ -47,6 +47,7 @@ import copy
 import dataclasses
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -317,6 +318,7 @@ class EagerTrace:
     producer: dict[int, tuple[int, int]]
     input_ids: list[int]
     never_called: list[str]
+    modules: frozenset[str] = frozenset()
 
     @property
     def outputs(self) -> list[np.ndarray]:
@@ -381,7 +383,7 @@ def trace_eager(module: nn.Module, inputs: Sequence[torch.Tensor]) -> EagerTrace
         handle.remove()
     keep_alive.clear()
     never = [path for path, _ in named if path not in counts]
-    return EagerTrace(calls, producer, input_ids, never)
+    return EagerTrace(calls, producer, input_ids, never, frozenset(path for path, _ in named))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -413,6 +415,35 @@ def _dims(info: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
 
 
+def _known_path(path: str | None, modules: frozenset[str]) -> str | None:
+    """Map a provenance path onto the model's real module paths.
+
+    The TorchScript exporter names a module's second call ``relu_1`` and scopes a child by its name
+    relative to an ancestor (``/layer2/downsample/downsample.0/Conv`` reads as
+    ``layer2.downsample.downsample.0``). Walking the components, each one is resolved as a child of the
+    path so far, without a ``_N`` call suffix, or as a child of an ancestor; unresolvable components are
+    skipped, so a node always lands in the deepest real module around it. Exact paths pass unchanged.
+    """
+    if path is None or not modules or path in modules:
+        return path
+    current = ""
+    for comp in path.split("."):
+        stripped = re.sub(r"_\d+$", "", comp)
+        for base in reversed(_prefixes(current)):
+            found = next(
+                (
+                    c
+                    for c in (f"{base}.{comp}" if base else comp, f"{base}.{stripped}" if base else stripped)
+                    if c in modules
+                ),
+                None,
+            )
+            if found is not None and found != current and not _is_ancestor(found, current):
+                current = found
+                break
+    return current
+
+
 class _Graph:
     """Index of the top-level nodes of an ONNX graph: module paths, producers, consumers, known shapes.
 
@@ -420,9 +451,9 @@ class _Graph:
     read names and shapes costs more than the whole instrumented run on small models.
     """
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    def __init__(self, graph: onnx.GraphProto, modules: frozenset[str] = frozenset()) -> None:
         self.nodes: list[onnx.NodeProto] = list(graph.node)
-        self.paths = [module_path(n) for n in self.nodes]
+        self.paths = [_known_path(module_path(n), modules) for n in self.nodes]
         self.by_module: dict[str, list[int]] = {}
         for i, p in enumerate(self.paths):
             if p is None:
@@ -748,7 +779,7 @@ def compare_layers(
         trace = trace_eager(module.eval(), inputs)
     calls, producer, input_ids, never = trace.calls, trace.producer, trace.input_ids, trace.never_called
     proto = _load_proto(onnx_path)
-    g = _Graph(proto.graph)
+    g = _Graph(proto.graph, trace.modules)
     if len(g.graph_inputs) != len(inputs):
         raise InputSpecError(
             f"the ONNX model takes {len(g.graph_inputs)} inputs {g.graph_inputs}, the eager model {len(inputs)}"
@@ -809,6 +840,7 @@ def compare_layers(
             if m.value is not None and ref is not None:
                 _fill_metrics(layer, m, ref, produced, tol, g, seen)
             report.layers.append(layer)
+    _credit_exporter_fusions(report.layers, calls, produced, tol)
     for path in never:
         sub = module.get_submodule(path)
         report.layers.append(
@@ -942,6 +974,48 @@ def _scratch_dir() -> str | None:
     one session load), else the default temp dir."""
     shm = Path("/dev/shm")
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def _credit_exporter_fusions(
+    layers: list[LayerResult], calls: list[_Call], produced: dict[str, np.ndarray], tol: Tolerance
+) -> None:
+    """Re-attribute a fusion whose node kept the *first* module's provenance (Conv+BN folded by the
+    TorchScript exporter stays ``/conv1/Conv``).
+
+    Such a layer fails against its own module's output but matches the next sibling that fed on it and
+    owns no node (the BN). Then the sibling is compared at that value (and passes) and the first module
+    is "fused into" it. A real fault in the fused node fails against both and stays where provenance put
+    it, so fault localization is unchanged.
+    """
+    for k, layer in enumerate(layers):
+        if layer.status != "fail" or layer.onnx_value is None:
+            continue
+        for nxt in layers[k + 1 :]:
+            if nxt.onnx_value is not None or layer.name not in nxt.inputs_from:
+                continue
+            if _parent(nxt.module) != _parent(layer.module) or nxt.shape != layer.shape:
+                continue
+            ref = calls[nxt.order].outputs[nxt.output_index]
+            actual = produced.get(layer.onnx_value)
+            if ref is None or actual is None:
+                break
+            magnitude = max_magnitude(ref)
+            tolerance = layer_tolerance(tol, magnitude)
+            metrics = compare_tensors(nxt.name, actual, ref, tolerance)
+            if not metrics.passed:
+                break
+            nxt.status, nxt.reason_kind, nxt.fused_into = "pass", "", None
+            nxt.reason = f"computed by {layer.op_type} {layer.onnx_node!r}, whose provenance names {layer.module}"
+            nxt.onnx_value, nxt.onnx_node, nxt.op_type = layer.onnx_value, layer.onnx_node, layer.op_type
+            nxt.metrics, nxt.tolerance, nxt.ref_max_abs = metrics, tolerance, magnitude
+            for other in layers:
+                if nxt.name in other.absorbed:
+                    other.absorbed.remove(nxt.name)
+            nxt.absorbed.append(layer.name)
+            layer.status, layer.fused_into, layer.reason_kind = "fused", nxt.module, ""
+            layer.reason = f"{layer.op_type} {layer.onnx_node!r} computes {nxt.name} (the exporter fused them)"
+            layer.onnx_value, layer.metrics, layer.tolerance = None, None, None
+            break
 
 
 def _load_proto(path: str | Path) -> onnx.ModelProto:

@@ -309,3 +309,20 @@ def test_module_folded_into_its_parent_is_inlined(probe_onnx: tuple[nn.Module, P
     assert child.fused_into == "pair" and gemm.name in child.reason
     assert by_name["pair[0]"].status == "pass"  # the parent still carries the value, and it is compared
     assert layers.counts["unmatched"] == 2  # pair.a and the never-called `unused`
+
+
+def test_torchscript_export_fusions_are_credited_to_the_bn(tmp_path: Path) -> None:
+    """The legacy exporter folds Conv+BN into a Conv that keeps the *conv's* name, and names a module's
+    second call ``relu_1``: no false alarm, the conv is "fused into" its BN, every call is matched."""
+    loaded = load_model("zoo:resnet_basic")
+    path = tmp_path / "resnet_ts.onnx"
+    export(loaded, None, path, exporter="torchscript", opset=17)
+    layers = _layers(loaded, path)
+    assert layers.first_divergence is None
+    by_name = {layer.name: layer for layer in layers.layers}
+    assert by_name["layer2.conv1"].status == "fused" and by_name["layer2.conv1"].fused_into == "layer2.bn1"
+    assert by_name["layer2.bn1"].status == "pass" and by_name["layer2.bn1"].op_type == "Conv"
+    assert by_name["layer2.downsample.0"].fused_into == "layer2.downsample.1"
+    assert by_name["layer1.relu#1"].status == by_name["layer1.relu#2"].status == "pass"
+    assert by_name["layer1.relu#1"].onnx_value != by_name["layer1.relu#2"].onnx_value
+    assert layers.counts["unmatched"] == 0
