@@ -84,7 +84,9 @@ def onnx_input_metas(onnx_path: str | Path) -> list[TensorMeta]:
         try:
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
         except (KeyError, TypeError, ValueError) as e:
-            raise InputSpecError(f"input {vi.name} has ONNX element type {tt.elem_type}, which numpy cannot hold") from e
+            raise InputSpecError(
+                f"input {vi.name} has ONNX element type {tt.elem_type}, which numpy cannot hold"
+            ) from e
         metas.append(TensorMeta(vi.name, tuple(dims), dtype))
     return metas
 
@@ -98,7 +100,8 @@ def check_overrides(metas: Sequence[TensorMeta], overrides: Mapping[str, Shape])
     by_name = {m.name: m for m in metas}
     unknown = sorted(set(overrides) - set(by_name))
     if unknown:
-        raise InputSpecError(f"--input names {unknown} are not model inputs; the model has {[m.describe() for m in metas]}")
+        known = [m.describe() for m in metas]
+        raise InputSpecError(f"--input names {unknown} are not model inputs; the model has {known}")
     for name, shape in overrides.items():
         meta = by_name[name]
         ok = len(shape) == len(meta.shape) and all(
@@ -211,9 +214,8 @@ def validate_request(
 ) -> None:
     """Reject combinations that cannot mean anything, before any session is built."""
     if graph_optimization_level not in GRAPH_OPT_LEVELS:
-        raise UsageError(
-            f"unknown graph optimization level {graph_optimization_level!r}; expected one of {', '.join(GRAPH_OPT_LEVELS)}"
-        )
+        levels = ", ".join(GRAPH_OPT_LEVELS)
+        raise UsageError(f"unknown graph optimization level {graph_optimization_level!r}; expected one of {levels}")
     if "torch" in backends and not has_model:
         raise UsageError("the torch backend runs the PyTorch model itself; pass it with --model (model=...)")
     if torch_compile and "torch" not in backends:

@@ -3,7 +3,8 @@
 matplotlib is driven through its object API on an Agg canvas (no display, no global pyplot state), so
 plotting works headless and from threads. The left panel draws one box per (backend, batch size):
 box = p25..p75, line = p50, whiskers = min and p99, with the raw samples as faint dots when the report
-still holds them, on a log axis because latency tails span decades. The right panel draws p50 against batch size per backend, the bars spanning p25..p75.
+still holds them, on a log axis because latency tails span decades. The right panel draws p50 against
+batch size per backend, the bars spanning p25..p75.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ A p50 that moved is only called a regression when the move is both *large* and *
 
 Each run's median has a standard error estimated robustly from its median absolute deviation:
 ``σ ≈ 1.4826·MAD`` and ``SE(median) ≈ √(π/2)·σ/√n``. The shift of two independent medians has standard
-error ``√(SE_base² + SE_now²)``, and the noise band is ``z`` of those (``z = 3`` by default, so a pure-noise
-shift crosses it about 0.3% of the time). When a baseline has no MAD (written by another tool), its IQR
+error ``√(SE_base² + SE_now²)``; the noise band is ``z`` of those (``z = 3`` by default, so a pure-noise
+shift crosses it about 0.3% of the time), but never less than ``MAD_base + MAD_now``, the two runs' typical
+per-call jitter: many samples make the medians' sampling error tiny, yet a machine whose calls scatter by
+X cannot show a shift smaller than X to be real. When a baseline has no MAD (written by another tool), its IQR
 is used instead (``σ ≈ IQR/1.349``), and failing that its standard deviation.
 
 Outcomes per (backend, batch size): ``regressed`` (large and real: the CLI exits 1), ``noise`` (large but
@@ -48,10 +50,10 @@ def parse_fraction(text: str | float) -> float:
         try:
             value = float(raw.rstrip("%").strip())
         except ValueError:
-            raise UsageError(f"--max-regression expects a percentage like 10% or a fraction like 0.1, got {text!r}") from None
-        if percent:
-            value /= 100.0
-        elif value >= 1.0:
+            raise UsageError(
+                f"--max-regression expects a percentage like 10% or a fraction like 0.1, got {text!r}"
+            ) from None
+        if percent or value >= 1.0:
             value /= 100.0
     if not (math.isfinite(value) and value >= 0):
         raise UsageError(f"--max-regression must be a non-negative percentage, got {text!r}")
@@ -74,8 +76,15 @@ def median_se(row: Mapping[str, Any]) -> float:
 
 
 def noise_band_ms(baseline: Mapping[str, Any], current: Mapping[str, Any], z: float = DEFAULT_Z) -> float:
-    """``z·√(SE_base² + SE_now²)``: how far two medians of pure noise plausibly drift apart."""
-    return z * math.hypot(median_se(baseline), median_se(current))
+    """How far two medians of pure noise plausibly drift apart.
+
+    The larger of ``z·√(SE_base² + SE_now²)`` (sampling noise of the two medians) and
+    ``MAD_base + MAD_now`` (the runs' typical jitter: a shift smaller than what a single call varies by
+    within one run is not evidence of a slower model, whatever the sample count).
+    """
+    sampling = z * math.hypot(median_se(baseline), median_se(current))
+    jitter = (robust_sigma(baseline) + robust_sigma(current)) / MAD_TO_SIGMA
+    return max(sampling, jitter)
 
 
 @dataclass(frozen=True)
