@@ -26,7 +26,8 @@ variables are recorded in the report's ``environment.threads``.
 
 **Torch baseline.** The ``torch`` backend runs ``model`` (a :class:`LoadedModel` or an ``nn.Module``)
 on the same inputs, inside ``torch.inference_mode()`` for the whole loop. ``torch_compile=True`` wraps
-it in ``torch.compile`` first (the compile lands in ``first_run_ms``). Inputs are not deep-copied
+it in ``torch.compile`` first (a string names the compile backend, default inductor); compilation happens
+lazily on the first call, so it lands in ``first_run_ms``. Inputs are not deep-copied
 between calls (that copy would be timed); a module that mutates its inputs sees its own changes.
 """
 
@@ -208,7 +209,7 @@ def validate_request(
     backends: Sequence[str],
     *,
     has_model: bool,
-    torch_compile: bool,
+    torch_compile: bool | str,
     cuda_graph: bool,
     graph_optimization_level: str,
 ) -> None:
@@ -283,7 +284,7 @@ def _bench_torch(
     feeds: dict[str, np.ndarray],
     schedule: Schedule,
     threads: int,
-    torch_compile: bool,
+    torch_compile: bool | str,
 ) -> tuple[float, float, Any]:
     """Time the eager (or compiled) module: returns (load ms, first-infer ms, Measurement)."""
     import torch
@@ -295,7 +296,8 @@ def _bench_torch(
         fn = module
         load_ns = 0
         if torch_compile:
-            fn, load_ns = timed(lambda: torch.compile(module))
+            kwargs = {"backend": torch_compile} if isinstance(torch_compile, str) else {}
+            fn, load_ns = timed(lambda: torch.compile(module, **kwargs))
 
         def call() -> Any:
             return fn(*args)
@@ -346,7 +348,7 @@ def benchmark(
     inter_op_threads: int | None = None,
     model: Any = None,
     graph_optimization_level: str = "all",
-    torch_compile: bool = False,
+    torch_compile: bool | str = False,
     cuda_graph: bool = False,
     inputs: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,

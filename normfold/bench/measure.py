@@ -130,7 +130,6 @@ def _measure_duration(fn: Callable[[], object], duration_s: float, min_iters: in
 def measure(fn: Callable[[], object], schedule: Schedule) -> Measurement:
     """Warm ``fn`` up, then time each measured call with ``perf_counter_ns`` (GC paused meanwhile)."""
     gc_was_enabled = gc.isenabled()
-    gc.collect()
     gc.disable()
     try:
         warm_count, warm_ns = _warm_up(fn, schedule)
