@@ -10,8 +10,10 @@ Each run's median has a standard error estimated robustly from its median absolu
 error ``√(SE_base² + SE_now²)``; the noise band is ``z`` of those (``z = 3`` by default, so a pure-noise
 shift crosses it about 0.3% of the time), but never less than ``MAD_base + MAD_now``, the two runs' typical
 per-call jitter: many samples make the medians' sampling error tiny, yet a machine whose calls scatter by
-X cannot show a shift smaller than X to be real. When a baseline has no MAD (written by another tool), its IQR
-is used instead (``σ ≈ IQR/1.349``), and failing that its standard deviation.
+X cannot show a shift smaller than X to be real; nor smaller than the *drift* either run showed (the range of
+the medians of its ten consecutive blocks, ``drift_ms``), since load from other processes moves the whole
+latency level for a while, which no per-call statistic sees. When a baseline has no MAD (written by another
+tool), its IQR is used instead (``σ ≈ IQR/1.349``), and failing that its standard deviation.
 
 Outcomes per (backend, batch size): ``regressed`` (large and real: the CLI exits 1), ``noise`` (large but
 inside the noise band), ``improved`` (large and real, faster), ``unchanged``, ``new`` (not in the
@@ -78,13 +80,20 @@ def median_se(row: Mapping[str, Any]) -> float:
 def noise_band_ms(baseline: Mapping[str, Any], current: Mapping[str, Any], z: float = DEFAULT_Z) -> float:
     """How far two medians of pure noise plausibly drift apart.
 
-    The larger of ``z·√(SE_base² + SE_now²)`` (sampling noise of the two medians) and
-    ``MAD_base + MAD_now`` (the runs' typical jitter: a shift smaller than what a single call varies by
-    within one run is not evidence of a slower model, whatever the sample count).
+    The largest of ``z·√(SE_base² + SE_now²)`` (sampling noise of the two medians), ``MAD_base + MAD_now``
+    (the runs' typical jitter: a shift smaller than what a single call varies by within one run is not
+    evidence of a slower model, whatever the sample count) and the larger ``drift_ms`` of the two (how far
+    the median of one block of a run moved from another's: if the level wandered that much *within* a
+    run, it can differ that much *between* runs).
     """
     sampling = z * math.hypot(median_se(baseline), median_se(current))
     jitter = (robust_sigma(baseline) + robust_sigma(current)) / MAD_TO_SIGMA
-    return max(sampling, jitter)
+    drift = max(_nonneg(baseline.get("drift_ms")), _nonneg(current.get("drift_ms")))
+    return max(sampling, jitter, drift)
+
+
+def _nonneg(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 The JSON form (``BenchReport.to_dict()``) is what ``--json`` writes and what ``--baseline`` reads back:
 a ``results`` list whose entries carry ``backend``, ``batch_size``, ``first_run_ms``, ``min_ms``,
 ``p50_ms``, ``p90_ms``, ``p95_ms``, ``p99_ms``, ``max_ms``, ``mean_ms``, ``std_ms``, ``throughput``,
-``iterations``, ``copies_included`` and ``options``, plus the robust spreads (``iqr_ms``, ``mad_ms``)
-the regression check needs, and an ``environment`` block describing the machine and thread settings.
+``iterations``, ``copies_included`` and ``options``, plus the spreads the regression check
+needs (``iqr_ms``, ``mad_ms``, ``drift_ms``), and an ``environment`` block describing the machine and thread settings.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class BenchResult:
             "p75_ms": s.p75_ms,
             "iqr_ms": s.iqr_ms,
             "mad_ms": s.mad_ms,
+            "drift_ms": s.drift_ms,
             "throughput": s.throughput,
             "iterations": s.iterations,
             "warmup_iterations": self.warmup_iterations,

@@ -68,9 +68,30 @@ class LatencyStats:
     mad_ms: float
     total_ms: float
     throughput: float
+    drift_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: Consecutive blocks the run is cut into for :func:`block_median_range`, and the fewest samples per block.
+DRIFT_BLOCKS = 10
+MIN_BLOCK = 10
+
+
+def block_median_range(samples_in_order: Sequence[float], blocks: int = DRIFT_BLOCKS) -> float:
+    """Range (max − min) of the medians of consecutive blocks of a run, in the samples' unit.
+
+    Measures *drift*: load from other processes or frequency changes move the whole latency level for a
+    while, which per-call spread (MAD) and the median's sampling error cannot see. 0 when the run is too
+    short to cut into at least two blocks of :data:`MIN_BLOCK` samples.
+    """
+    k = min(blocks, len(samples_in_order) // MIN_BLOCK)
+    if k < 2:
+        return 0.0
+    n = len(samples_in_order)
+    medians = [percentile(sorted(samples_in_order[i * n // k : (i + 1) * n // k]), 50.0) for i in range(k)]
+    return max(medians) - min(medians)
 
 
 def summarize(samples_ns: Sequence[int], batch_size: int = 1) -> LatencyStats:
@@ -78,13 +99,15 @@ def summarize(samples_ns: Sequence[int], batch_size: int = 1) -> LatencyStats:
 
     ``std_ms`` is the sample standard deviation (n-1 in the denominator; 0 for a single sample).
     ``throughput`` is samples per second over the measured time: ``batch·n / Σ latency``, i.e.
-    ``batch·1000 / mean_ms``; it excludes warm-up and the first run.
+    ``batch·1000 / mean_ms``; it excludes warm-up and the first run. ``drift_ms`` is
+    :func:`block_median_range` of the samples in the order they were taken.
     """
     if not samples_ns:
         raise ValueError("no latency samples to summarize")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    ms = sorted(s / 1e6 for s in samples_ns)
+    in_order = [s / 1e6 for s in samples_ns]
+    ms = sorted(in_order)
     n = len(ms)
     total = math.fsum(ms)
     mean = total / n
@@ -106,4 +129,5 @@ def summarize(samples_ns: Sequence[int], batch_size: int = 1) -> LatencyStats:
         mad_ms=median_abs_deviation(ms, p50),
         total_ms=total,
         throughput=batch_size * n / (total / 1e3) if total > 0 else math.inf,
+        drift_ms=block_median_range(in_order),
     )

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from normfold.bench.regression import RegressionReport
     from normfold.bench.report import BenchReport
 
+#: Warn when the medians of a run's blocks differ by more than this fraction of its p50.
+DRIFT_WARN = 0.10
 INPUT_HELP = "NAME:SHAPE for dynamic dimensions other than the batch, e.g. x:1x3x224x224 (repeatable)."
 
 
@@ -216,6 +218,13 @@ def bench_cmd(
             + f" · inputs: seeded random (seed {seed})",
             highlight=False,
         )
+    for r in report.results:
+        if r.stats.drift_ms > DRIFT_WARN * r.stats.p50_ms:
+            console.print(
+                f"[yellow]warning:[/] {escape(r.backend)} batch {r.batch_size}: the median moved by "
+                f"{r.stats.drift_ms / r.stats.p50_ms:.0%} between parts of the run (other load on this machine?); "
+                "a longer --duration averages over it"
+            )
     reg = report.regression
     if reg is not None:
         for w in reg.warnings:

@@ -102,3 +102,10 @@ def test_load_baseline_errors(tmp_path: Path) -> None:
     partial.write_text(json.dumps({"results": [{"backend": "ort-cpu", "batch_size": 1}]}))
     with pytest.raises(UsageError, match=r"results\[0\] lacks p50_ms, iterations"):
         load_baseline(partial)
+
+
+def test_drift_within_either_run_widens_the_band() -> None:
+    calm = classify(row(1.0, mad=0.01), row(1.3, mad=0.01), 0.10)
+    drifting = classify(row(1.0, mad=0.01, drift_ms=0.4), row(1.3, mad=0.01), 0.10)
+    assert calm.status == "regressed"
+    assert drifting.status == "noise" and drifting.noise_ms == pytest.approx(0.4)

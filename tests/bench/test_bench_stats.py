@@ -8,7 +8,13 @@ import statistics
 import numpy as np
 import pytest
 
-from normfold.bench.stats import median_abs_deviation, median_standard_error, percentile, summarize
+from normfold.bench.stats import (
+    block_median_range,
+    median_abs_deviation,
+    median_standard_error,
+    percentile,
+    summarize,
+)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 101, 1000])
@@ -66,3 +72,14 @@ def test_mad_ignores_one_outlier_where_std_does_not() -> None:
 def test_median_standard_error_formula() -> None:
     assert median_standard_error(2.0, 100) == pytest.approx(math.sqrt(math.pi / 2) * 2.0 / 10)
     assert median_standard_error(2.0, 0) == math.inf
+
+
+def test_block_median_range_sees_a_level_shift_that_mad_does_not() -> None:
+    steady = [1.0] * 100
+    shifted = [1.0] * 70 + [1.5] * 30  # the machine got busy for the last 30% of the run
+    assert block_median_range(steady) == 0.0
+    assert block_median_range(shifted) == pytest.approx(0.5)
+    assert median_abs_deviation(sorted(shifted)) == 0.0
+    assert block_median_range([1.0, 2.0] * 9) == 0.0  # too short for two blocks of 10
+    s = summarize([int(v * 1e6) for v in shifted])
+    assert s.drift_ms == pytest.approx(0.5)
