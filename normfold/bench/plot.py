@@ -88,7 +88,7 @@ def build_figure(report: BenchReport) -> Any:
 
     env = report.environment
     threads = env.get("threads", {}).get("intra_op_threads")
-    fig.suptitle(f"{Path(report.onnx_path).name} on {env.get('cpu_model', '?')} ({threads} threads)")
+    fig.suptitle(f"{Path(report.onnx_path).name} on {env.get('cpu_model', '?')} ({threads} intra-op threads)")
     return fig
 
 
