@@ -202,3 +202,26 @@ def test_torch_compile_lands_in_first_run(dynamic_onnx: Path, tiny_module: torch
     (row,) = report.results
     assert row.options["torch_compile"] == "eager" and row.load_ms > 0
     assert row.first_run_ms > row.stats.p50_ms
+
+
+def test_timed_call_is_session_run_for_the_plain_ort_runner(dynamic_onnx: Path) -> None:
+    import functools
+
+    import numpy as np
+
+    from normfold.bench.harness import timed_call
+    from normfold.runtime.registry import get_backend
+
+    class Wrapped(get_backend("ort-cpu").load(dynamic_onnx).__class__):
+        def infer_impl(self, feeds: dict) -> dict:
+            return {"y": np.zeros(1)}
+
+    feeds = {"x": np.ones((2, 16), np.float32)}
+    with get_backend("ort-cpu").load(dynamic_onnx) as runner:
+        call = timed_call(runner, feeds)
+        assert isinstance(call, functools.partial) and call.func == runner.session.run
+        (y,) = call()
+        assert y.shape == (2, 16)
+        np.testing.assert_array_equal(y, runner.infer(feeds)["y"])
+        wrapped = Wrapped(runner.session, "ort-cuda")
+        assert timed_call(wrapped, feeds)()["y"].shape == (1,)  # an overriding runner keeps its infer_impl
