@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from normfold.bench.environment import collect_environment
-from normfold.bench.measure import Schedule, measure, timed
+from normfold.bench.measure import Measurement, Schedule, measure, timed
 from normfold.bench.report import BenchReport, BenchResult
 from normfold.bench.stats import summarize
 from normfold.errors import InputSpecError, UsageError
@@ -287,7 +287,7 @@ def _bench_torch(
     schedule: Schedule,
     threads: int,
     torch_compile: bool | str,
-) -> tuple[float, float, Any]:
+) -> tuple[float, float, Measurement]:
     """Time the eager (or compiled) module: returns (load ms, first-infer ms, Measurement)."""
     import torch
 
@@ -322,16 +322,17 @@ def timed_call(runner: Runner, feeds: dict[str, np.ndarray]) -> Callable[[], Any
     :func:`functools.partial`: exactly what ``OrtRunner.infer_impl`` does, minus rebuilding the output
     name list and the result dict on every call (about 1 µs of Python, ~1% of a 0.15 ms model on this
     machine), so the harness times what a bare ``session.run`` loop times. Runners that override
-    ``infer_impl`` (device backends with IO binding, CUDA graphs) are timed through ``infer_impl``.
+    ``infer_impl``, and every device backend (IO binding, CUDA graphs), are timed through ``infer_impl``.
     """
-    if type(runner).infer_impl is OrtRunner.infer_impl and isinstance(runner, OrtRunner):
+    plain_cpu = runner.backend == "ort-cpu" and not runner.copies_included
+    if plain_cpu and isinstance(runner, OrtRunner) and type(runner).infer_impl is OrtRunner.infer_impl:
         return functools.partial(runner.session.run, list(runner.output_names), feeds)
     return functools.partial(runner.infer_impl, feeds)
 
 
 def _bench_onnx(
     backend: str, onnx_path: Path, feeds: dict[str, np.ndarray], options: SessionOptions, schedule: Schedule
-) -> tuple[float, float, Any, bool]:
+) -> tuple[float, float, Measurement, bool]:
     """Time one ONNX backend: returns (load ms, first-infer ms, Measurement, copies_included)."""
     be = get_backend(backend)
     runner, load_ns = timed(lambda: be.load(onnx_path, options))

@@ -223,5 +223,7 @@ def test_timed_call_is_session_run_for_the_plain_ort_runner(dynamic_onnx: Path) 
         (y,) = call()
         assert y.shape == (2, 16)
         np.testing.assert_array_equal(y, runner.infer(feeds)["y"])
-        wrapped = Wrapped(runner.session, "ort-cuda")
+        wrapped = Wrapped(runner.session, "ort-cpu")
         assert timed_call(wrapped, feeds)()["y"].shape == (1,)  # an overriding runner keeps its infer_impl
+        device = type(runner)(runner.session, "ort-cuda")
+        assert timed_call(device, feeds).func == device.infer_impl  # device backends always go through it
