@@ -225,5 +225,14 @@ def test_timed_call_is_session_run_for_the_plain_ort_runner(dynamic_onnx: Path) 
         np.testing.assert_array_equal(y, runner.infer(feeds)["y"])
         wrapped = Wrapped(runner.session, "ort-cpu")
         assert timed_call(wrapped, feeds)()["y"].shape == (1,)  # an overriding runner keeps its infer_impl
-        device = type(runner)(runner.session, "ort-cuda")
-        assert timed_call(device, feeds).func == device.infer_impl  # device backends always go through it
+
+    # The GPU backends' IO-binding runner (here on ORT's CPU device) is timed through its infer_impl
+    from normfold.runtime.onnxruntime_gpu import GpuOrtRunner
+
+    with get_backend("ort-cpu").load(dynamic_onnx) as plain:
+        bound = GpuOrtRunner(plain.session, "ort-cuda", device="cpu")
+        call = timed_call(bound, feeds)
+        assert call.func == bound.infer_impl and bound.copies_included
+        np.testing.assert_allclose(call()["y"], plain.infer(feeds)["y"])
+        call()
+        assert bound.rebinds == 1  # the persistent binding is reused across timed calls
