@@ -108,6 +108,8 @@ def test_regression_against_baseline_exits_1_and_shows_what_moved(tmp_path: Path
         (["--max-regression", "lots", "--baseline", "nope.json"], "--max-regression expects a percentage"),
         (["--baseline", "nope.json"], "baseline file not found"),
         (["--graph-opt", "max"], "unknown graph optimization level"),
+        (["--json", "/nonexistent-dir/r.json"], "output directory /nonexistent-dir does not exist"),
+        (["--plot", "/"], "is a directory"),
     ],
 )
 def test_bad_input_exits_2(models: dict[str, Path], extra: list[str], message: str) -> None:
