@@ -51,9 +51,7 @@ def _from_legacy_name(name: str) -> str | None:
     scopes = [s for s in name.split("/")[1:-1] if s]
     path = ""
     for scope in scopes:
-        if path and scope.startswith(path + "."):
-            path = scope
-        elif not path:
+        if (path and scope.startswith(path + ".")) or not path:
             path = scope
         else:
             path = f"{path}.{scope}"

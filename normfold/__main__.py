@@ -1,0 +1,3 @@
+from normfold.cli import main
+
+main()

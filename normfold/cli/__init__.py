@@ -1,0 +1,14 @@
+"""The ``normfold`` command line (typer). Each module registers its commands on the shared app."""
+
+from __future__ import annotations
+
+from normfold.cli import commands as _commands  # noqa: F401  (registers commands)
+from normfold.cli._app import app
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,255 @@
+"""torch → ONNX with an opset check, provenance, and an atomic write.
+
+* ``exporter="dynamo"`` (default) uses ``torch.onnx.export(dynamo=True, optimize=False)`` followed by
+  constant folding and constant lifting only. torch's own ``optimize=True`` would also fold BatchNorm,
+  but without verification and without pointing the fused node at the BN module; normfold's passes do
+  that instead (``normfold optimize``).
+* ``exporter="torchscript"`` is the legacy exporter (opset ≤ 20). It folds Conv+BN itself but leaves
+  ConvTranspose+BN and Gemm+BN.
+* The result must carry the opset that was asked for. The dynamo exporter silently produces opset 18
+  when asked for 17 when its down-conversion fails (NORMS.md §2); that is an :class:`ExportError`.
+* A model that arrives in training mode is put in eval mode with a warning: the dynamo exporter would
+  otherwise export a train-mode BatchNorm as an inference BatchNorm without saying so.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import onnx
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from normfold.errors import ExportError, UsageError
+from normfold.exporter.provenance import module_path, stamp_module_paths
+from normfold.io import save_onnx
+
+if TYPE_CHECKING:
+    from normfold.models.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+ExporterName = Literal["dynamo", "torchscript"]
+NormExport = Literal["native", "decomposed", "custom"]
+EXPORTERS: tuple[str, ...] = ("dynamo", "torchscript")
+NORM_EXPORTS: tuple[str, ...] = ("native", "decomposed", "custom")
+TORCHSCRIPT_MAX_OPSET = 20
+DYNAMO_MIN_OPSET = 17
+
+
+@dataclass
+class ExportResult:
+    """What was written, at which opset, and how much of it can be traced to an nn.Module."""
+
+    path: Path
+    opset: int
+    exporter: str
+    norm_export: str
+    dynamic_batch: bool
+    input_names: list[str]
+    output_names: list[str]
+    node_count: int
+    op_histogram: dict[str, int]
+    provenance_coverage: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def provenance(self) -> float:
+        return self.provenance_coverage
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    """Op type → count over the main graph (``domain::Op`` for non-default domains)."""
+    counts = collections.Counter(
+        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in model.graph.node
+    )
+    return dict(sorted(counts.items()))
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise ExportError("the exported model has no default-domain opset import")
+
+
+def _as_module(model: nn.Module | LoadedModel) -> tuple[nn.Module, list[str]]:
+    if isinstance(model, nn.Module):
+        return model, []
+    return model.module, list(model.input_names)
+
+
+def _input_names(module: nn.Module, n: int, given: Sequence[str] | None) -> list[str]:
+    if given:
+        if len(given) != n:
+            raise UsageError(f"{len(given)} input names {list(given)} for {n} example inputs")
+        return list(given)
+    import inspect
+
+    try:
+        params = [
+            p.name
+            for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    return params[:n] if len(params) >= n else [f"input_{i}" for i in range(n)]
+
+
+def _export_dynamo(
+    module: nn.Module, args: tuple[torch.Tensor, ...], names: list[str], opset: int, dynamic_batch: bool
+) -> onnx.ModelProto:
+    from onnx_ir.passes import common as common_passes
+    from onnxscript import optimizer
+
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = tuple({0: batch} for _ in args)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            optimize=False,
+            input_names=names,
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
+    model: ir.Model = program.model
+    optimizer.fold_constants(model)
+    common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    common_passes.RemoveUnusedNodesPass()(model)
+    return ir.serde.serialize_model(model)
+
+
+def _export_torchscript(
+    module: nn.Module, args: tuple[torch.Tensor, ...], names: list[str], opset: int, dynamic_batch: bool
+) -> onnx.ModelProto:
+    if opset > TORCHSCRIPT_MAX_OPSET:
+        raise ExportError(
+            f"the TorchScript exporter supports opset ≤ {TORCHSCRIPT_MAX_OPSET}, {opset} was asked for; "
+            f"pass --opset 17 (or use --exporter dynamo)"
+        )
+    dynamic_axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    with tempfile.TemporaryDirectory(prefix="normfold-export-") as tmp:
+        out = Path(tmp) / "model.onnx"
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(out),
+                dynamo=False,
+                opset_version=opset,
+                input_names=names,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+                training=torch.onnx.TrainingMode.EVAL,
+            )
+        return onnx.load(str(out))
+
+
+def export(
+    model: nn.Module | LoadedModel,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None,
+    path: str | Path,
+    *,
+    opset: int = 21,
+    dynamic_batch: bool = False,
+    norm_export: str = "native",
+    exporter: str = "dynamo",
+    input_names: Sequence[str] | None = None,
+) -> ExportResult:
+    """Export ``model`` to ``path`` (written atomically) and return what was produced.
+
+    ``model`` is an ``nn.Module`` or a :class:`~normfold.models.loader.LoadedModel` (whose example
+    inputs and input names are used when ``example_inputs``/``input_names`` are not given).
+    """
+    if exporter not in EXPORTERS:
+        raise UsageError(f"unknown exporter {exporter!r}; expected one of {', '.join(EXPORTERS)}")
+    if norm_export not in NORM_EXPORTS:
+        raise UsageError(f"unknown norm export mode {norm_export!r}; expected one of {', '.join(NORM_EXPORTS)}")
+    module, loaded_names = _as_module(model)
+    if example_inputs is None:
+        example_inputs = getattr(model, "example_inputs", None)
+        if not example_inputs:
+            raise UsageError("no example inputs: pass them, or --input NAME:SHAPE on the command line")
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    names = _input_names(module, len(args), input_names or loaded_names or None)
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        raise ExportError(f"the dynamo exporter needs opset ≥ {DYNAMO_MIN_OPSET}; use --exporter torchscript")
+    notes: list[str] = []
+    if module.training:
+        msg = "the model arrived in training mode; exporting it in eval mode (running BN statistics, no dropout)"
+        log.warning(msg)
+        notes.append(msg)
+        module.eval()
+    try:
+        if exporter == "dynamo":
+            proto = _export_dynamo(module, args, names, opset, dynamic_batch)
+        else:
+            proto = _export_torchscript(module, args, names, opset, dynamic_batch)
+    except (ExportError, UsageError):
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"{exporter} export failed: {type(e).__name__}: {first[:400]}") from e
+    got = default_opset(proto)
+    if got != opset:
+        raise ExportError(
+            f"asked for opset {opset} but the {exporter} exporter produced opset {got} "
+            f"(its down-conversion failed); use --opset {got} or --exporter torchscript"
+        )
+    stamp_module_paths(proto)
+    if norm_export != "native":
+        proto = _apply_norm_export(proto, norm_export)
+    traced = sum(1 for n in proto.graph.node if module_path(n) is not None)
+    target = Path(path)
+    save_onnx(proto, target)
+    result = ExportResult(
+        path=target,
+        opset=got,
+        exporter=exporter,
+        norm_export=norm_export,
+        dynamic_batch=dynamic_batch,
+        input_names=[i.name for i in proto.graph.input],
+        output_names=[o.name for o in proto.graph.output],
+        node_count=len(proto.graph.node),
+        op_histogram=op_histogram(proto),
+        provenance_coverage=traced / max(1, len(proto.graph.node)),
+        warnings=notes,
+    )
+    log.info("exported %s nodes at opset %s to %s", result.node_count, got, target)
+    return result
+
+
+def _apply_norm_export(proto: onnx.ModelProto, mode: str) -> onnx.ModelProto:
+    if mode == "custom":
+        try:
+            from normfold.exporter.custom_norms import to_plugin_ops
+        except ImportError as e:
+            raise UsageError("--norm-export custom is not available in this build") from e
+        return to_plugin_ops(proto)
+    from normfold.exporter.decompose import decompose_norms
+
+    return decompose_norms(proto)

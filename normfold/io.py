@@ -1,0 +1,95 @@
+"""Files in and out: atomic writes and ONNX loading with clear errors.
+
+Every file normfold produces is written to a temporary file in the target directory and then renamed
+into place with :func:`os.replace`, so an interrupted run never leaves a half-written model or report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import onnx
+
+from normfold.errors import OnnxLoadError, UsageError
+
+# Above this, weights go to an external-data file beside the model (protobuf's 2 GiB limit).
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it."""
+    target = Path(path)
+    if target.exists() and target.is_dir():
+        raise UsageError(f"output path {target} is a directory; expected a file path")
+    if not target.parent.exists():
+        raise UsageError(f"output directory {target.parent} does not exist")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Like ``open(path, mode)`` for writing, but atomic (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
+        yield fh
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def load_onnx(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load and check an ONNX file; a missing, unreadable or invalid file raises :class:`OnnxLoadError`."""
+    p = Path(path)
+    if not p.exists():
+        raise OnnxLoadError(f"ONNX file not found: {p}")
+    if p.is_dir():
+        raise OnnxLoadError(f"expected an ONNX file, got a directory: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=load_external_data)
+    except Exception as e:  # protobuf raises DecodeError, RuntimeWarning, etc.
+        raise OnnxLoadError(f"{p} is not a readable ONNX model ({type(e).__name__}: {e})") from e
+    if not model.graph.node and not model.graph.output:
+        raise OnnxLoadError(f"{p} is not a valid ONNX model: its graph is empty")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OnnxLoadError(f"{p} is not a valid ONNX model: {first}") from e
+    return model
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Save ``model`` atomically (external data only when it would exceed protobuf's limit)."""
+    target = Path(path)
+    if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
+        return write_bytes(target, model.SerializeToString())
+    data_name = target.name + ".data"
+    with atomic_path(target) as tmp:
+        onnx.save_model(model, str(tmp), save_as_external_data=True, location=data_name)
+        os.replace(tmp.parent / data_name, target.parent / data_name)
+    return target

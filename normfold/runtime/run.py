@@ -1,0 +1,126 @@
+"""Run one backend on an ONNX file with real (npz) or seeded random inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from normfold.errors import InputSpecError
+from normfold.io import atomic_open
+from normfold.runtime.base import SessionOptions, TensorMeta
+from normfold.runtime.registry import get_backend
+
+
+@dataclass
+class RunReport:
+    """Summary of one run: where the inputs came from and per-output statistics."""
+
+    onnx_path: str
+    backend: str
+    input_source: str
+    inputs: dict[str, list[int]]
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    output_file: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def random_feeds(
+    metas: Sequence[TensorMeta], overrides: dict[str, tuple[int, ...]] | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Seeded standard-normal floats (small non-negative ints for integer inputs) of each input's shape."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    overrides = overrides or {}
+    for meta in metas:
+        shape = overrides.get(meta.name)
+        if shape is None:
+            if not all(isinstance(d, int) for d in meta.shape):
+                raise InputSpecError(
+                    f"input {meta.describe()} has dynamic dimensions; give its shape with --input "
+                    f"{meta.name}:{'x'.join(str(d) if isinstance(d, int) else '1' for d in meta.shape)}"
+                )
+            shape = tuple(int(d) for d in meta.shape)  # type: ignore[arg-type]
+        if np.issubdtype(meta.dtype, np.floating):
+            feeds[meta.name] = rng.standard_normal(shape).astype(meta.dtype)
+        elif meta.dtype == np.bool_:
+            feeds[meta.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[meta.name] = rng.integers(0, 10, shape).astype(meta.dtype)
+    return feeds
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    p = Path(path)
+    if not p.exists():
+        raise InputSpecError(f"inputs file not found: {p}")
+    try:
+        with np.load(p) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as e:
+        raise InputSpecError(f"{p} is not a readable .npz file ({type(e).__name__}: {e})") from e
+
+
+def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write ``arrays`` to an .npz atomically (numpy would otherwise append .npz to other names)."""
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    return Path(path)
+
+
+def run_onnx(
+    onnx_path: str | Path,
+    backend: str = "ort-cpu",
+    *,
+    inputs_npz: str | Path | None = None,
+    input_specs: Sequence[str] | None = None,
+    seed: int = 0,
+    output: str | Path | None = None,
+    options: SessionOptions | None = None,
+) -> RunReport:
+    """Run ``onnx_path`` once on ``backend``; optionally save the outputs to an npz."""
+    from normfold.io import load_onnx
+
+    load_onnx(onnx_path)  # clear error for a missing or corrupt file before any backend work
+    be = get_backend(backend)
+    overrides: dict[str, tuple[int, ...]] = {}
+    if input_specs:
+        from normfold.models.loader import parse_input_spec
+
+        overrides = {s.name: s.shape for s in (parse_input_spec(t) for t in input_specs)}
+    with be.load(onnx_path, options) as runner:
+        unknown = sorted(set(overrides) - set(runner.input_names))
+        if unknown:
+            raise InputSpecError(f"--input names {unknown} are not model inputs {runner.input_names}")
+        if inputs_npz is not None:
+            feeds, source = load_npz(inputs_npz), f"npz {inputs_npz}"
+        else:
+            feeds, source = random_feeds(runner.inputs, overrides, seed), f"seeded random (seed {seed})"
+        produced = runner.infer(feeds)
+    report = RunReport(
+        onnx_path=str(onnx_path),
+        backend=backend,
+        input_source=source,
+        inputs={k: list(v.shape) for k, v in feeds.items()},
+    )
+    for name, arr in produced.items():
+        a = np.asarray(arr, dtype=np.float64) if arr.size else np.zeros(1)
+        report.outputs.append(
+            {
+                "name": name,
+                "shape": list(arr.shape),
+                "dtype": str(arr.dtype),
+                "min": float(a.min()),
+                "max": float(a.max()),
+                "mean": float(a.mean()),
+            }
+        )
+    if output is not None:
+        save_npz(output, produced)
+        report.output_file = str(output)
+    return report
