@@ -86,8 +86,7 @@ class FoldAffineIntoPreceding(NormfoldPass):
             other = node.inputs[other_index]
             k_arr = g.const_array(other)
             if k_arr is None:
-                reason = g.nonconst_reason(other, f"{node.op_type} operand") if other is not None else None
-                return ops, a, c, reason if other is not None and other.is_graph_input() else None
+                return ops, a, c, _input_reason(node, other, rank, axis, channels)
             k = g.per_channel(k_arr, rank, axis, channels)
             if k is None:
                 return ops, a, c, f"{node.op_type} constant of shape {list(k_arr.shape)} is not per-channel"
@@ -169,6 +168,19 @@ class FoldAffineIntoPreceding(NormfoldPass):
         cloned = " (weight cloned: it is shared)" if g.other_users(weight, []) else ""
         self.applied(nodes, f"folded {len(ops)} per-channel op(s) into {layer.op_type}{cloned}")
         return True
+
+
+def _input_reason(
+    node: ir.Node, other: ir.Value | None, rank: int | None, axis: int, channels: int
+) -> str | None:
+    """A skip reason when ``other`` looks like per-channel statistics fed as a graph input (a residual
+    input of the activation's shape is no candidate at all)."""
+    if other is None or not other.is_graph_input() or other.shape is None:
+        return None
+    dims = [d if isinstance(d, int) else -1 for d in other.shape]
+    if -1 in dims or g.per_channel(np.ones(dims), rank, axis, channels) is None:
+        return None
+    return g.nonconst_reason(other, f"{node.op_type} operand")
 
 
 def _next(layer: ir.Node) -> tuple[ir.Node, ...]:

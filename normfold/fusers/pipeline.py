@@ -16,8 +16,6 @@ model is never written.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from normfold.fusers.verify import (
     run_model,
     seeded_feeds,
 )
+from normfold.io import load_onnx, save_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -129,16 +128,7 @@ def run_pipeline(model: ir.Model, names: Sequence[str], ctx: PassContext) -> Pip
 def _load(src: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     if isinstance(src, onnx.ModelProto):
         return src, "<ModelProto>"
-    path = Path(src)
-    if not path.is_file():
-        raise OnnxLoadError(f"ONNX file not found: '{path}' (expected a path to a .onnx model)")
-    try:
-        proto = onnx.load(str(path))
-    except Exception as e:  # protobuf raises DecodeError and friends
-        raise OnnxLoadError(f"'{path}' is not a readable ONNX model: {type(e).__name__}: {e}") from e
-    if not proto.graph.node and not proto.graph.output:
-        raise OnnxLoadError(f"'{path}' has an empty graph; expected an exported ONNX model")
-    return proto, str(path)
+    return load_onnx(src), str(src)
 
 
 def _to_ir(proto: onnx.ModelProto, where: str) -> ir.Model:
@@ -212,18 +202,6 @@ def _bisect(
         else:
             hi = mid
     return applied[hi - 1]
-
-
-def _write_atomic(proto: onnx.ModelProto, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def optimize(
@@ -311,7 +289,7 @@ def optimize(
     optimized = ir.serde.serialize_model(run.model)
     out_path: str | None = None
     if dst is not None:
-        _write_atomic(optimized, Path(dst))
+        save_onnx(optimized, Path(dst))
         out_path = str(dst)
     events = [*run.events, *disabled_events]
     return OptimizeReport(
