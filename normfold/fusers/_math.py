@@ -31,8 +31,9 @@ def bn_scale_shift(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(s, t)`` with ``BN(y) = s·y + t`` per channel, in float64."""
     g, b, m, v = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (gamma, beta, mean, var))
-    s = g / np.sqrt(v + float(eps))
-    return s, b - m * s
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # cast_checked reports these
+        s = g / np.sqrt(v + float(eps))
+        return s, b - m * s
 
 
 def scale_output_channels(w: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:

@@ -40,9 +40,7 @@ def export_legacy(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
     module.eval()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=False
-        )
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=False)
     return path
 
 
@@ -61,9 +59,7 @@ def make_model(
     inits: dict[str, np.ndarray],
     opset: int = 17,
 ) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()]
-    )
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
 
 

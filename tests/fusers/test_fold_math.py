@@ -86,9 +86,7 @@ def test_linear_fold_matches_torch(n_out: int, n_in: int, seed: int) -> None:
     s, t = _math.bn_scale_shift(gamma.numpy(), beta.numpy(), mean.numpy(), var.numpy(), 1e-5)
     # Gemm transB=1 stores W as (N, K): the feature axis is 0; transB=0 stores W.T: axis 1
     np.testing.assert_allclose(_math.scale_output_channels(w.numpy(), s, 0), ref_w.detach().numpy(), rtol=1e-12)
-    np.testing.assert_allclose(
-        _math.scale_output_channels(w.numpy().T, s, 1), ref_w.detach().numpy().T, rtol=1e-12
-    )
+    np.testing.assert_allclose(_math.scale_output_channels(w.numpy().T, s, 1), ref_w.detach().numpy().T, rtol=1e-12)
     np.testing.assert_allclose(_math.fold_bias(b.numpy(), s, t), ref_b.detach().numpy(), rtol=1e-12, atol=1e-12)
 
 
