@@ -127,7 +127,7 @@ class ScratchBatchNorm(nn.Module):
         if self.moving_mean.device != x.device:
             self.moving_mean = self.moving_mean.to(x.device)
             self.moving_var = self.moving_var.to(x.device)
-        y, self.moving_mean, self.moving_var = _scratch_batch_norm(
+        y, moving_mean, moving_var = _scratch_batch_norm(
             x,
             self.gamma,
             self.beta,
@@ -137,6 +137,9 @@ class ScratchBatchNorm(nn.Module):
             self.momentum,
             self.training,
         )
+        # eval never rebinds the stats: under inference_mode that would leave inference tensors behind
+        if self.training:
+            self.moving_mean, self.moving_var = moving_mean, moving_var
         return y
 
 
