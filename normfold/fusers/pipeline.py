@@ -147,14 +147,19 @@ def _sites(event: RuleEvent) -> set[tuple[str, str]]:
 
 
 def _attempt(
-    proto: onnx.ModelProto, names: Sequence[str], base: PassContext, disabled: set[tuple[str, str]]
+    proto: onnx.ModelProto,
+    names: Sequence[str],
+    base: PassContext,
+    disabled: set[tuple[str, str]],
+    model: ir.Model | None = None,
 ) -> PipelineRun:
+    """Run the pipeline on a fresh copy of ``proto`` (or on ``model``, already deserialized from it)."""
     ctx = PassContext(
         target_opset=base.target_opset,
         allow_weight_copies=base.allow_weight_copies,
         disabled_sites=set(disabled),
     )
-    return run_pipeline(_to_ir(proto, "input"), names, ctx)
+    return run_pipeline(model if model is not None else _to_ir(proto, "input"), names, ctx)
 
 
 class _Verifier:
@@ -238,7 +243,7 @@ def optimize(
     disabled_events: list[RuleEvent] = []
     verification: VerificationReport | None = None
     for attempt in range(1, MAX_DISABLED + 2):
-        run = _attempt(proto, names, base, disabled)
+        run = _attempt(proto, names, base, disabled, original if attempt == 1 else None)
         if verifier is None:
             break
         ok, metrics, error = verifier.check(run.model)
