@@ -45,6 +45,8 @@ def bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
         return TRAINING_REASON.format(detail="training_mode=1")
     if len(bn.outputs) > 1:
         return TRAINING_REASON.format(detail=f"{len(bn.outputs)} outputs")
+    if g.attr_int(bn, "spatial", 1) == 0:
+        return "BN-7 with spatial=0 normalizes per element, not per channel"
     params = []
     for index, what in enumerate(("scale", "bias", "running_mean", "running_var"), start=1):
         value = bn.inputs[index] if index < len(bn.inputs) else None

@@ -26,6 +26,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, TopologicalSortPass
 
 from normfold.errors import FusionError, OnnxLoadError, UsageError
+from normfold.exporter.provenance import stamp_module_paths
 from normfold.fusers.base import PASS_REGISTRY, NormfoldPass, PassContext, RuleEvent, register_pass
 from normfold.fusers.report import (
     OptimizeReport,
@@ -99,6 +100,7 @@ class PipelineRun:
 def run_pipeline(model: ir.Model, names: Sequence[str], ctx: PassContext) -> PipelineRun:
     """Run ``names`` in order, repeatedly until nothing changes; ``model`` is rewritten in place."""
     seconds = dict.fromkeys(names, 0.0)
+    stamp_module_paths(model)  # legacy provenance lives in node names: pin it before anything renames
     NameFixPass()(model)
     cleanup = RemoveUnusedNodesPass()
     done: list[str] = []
