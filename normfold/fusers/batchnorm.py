@@ -93,9 +93,8 @@ class FuseBatchNormIntoConv(NormfoldPass):
     def _visit(self, graph: ir.Graph, bn: ir.Node) -> bool:
         y = bn.inputs[0]
         conv = y.producer() if y is not None else None
-        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or conv.domain != "":
+        if y is None or conv is None or conv.op_type not in ("Conv", "ConvTranspose") or conv.domain != "":
             return False
-        assert y is not None
         nodes = (conv, bn)
         if self.site_disabled(bn.name or ""):
             self.skipped(nodes, "disabled after failing verification")
@@ -155,11 +154,11 @@ class FuseBatchNormIntoConv(NormfoldPass):
         return True
 
 
-def _feature_layer(y: ir.Value) -> tuple[list[ir.Node], ir.Node | None, str | None]:
+def _feature_layer(y: ir.Value) -> tuple[list[ir.Node], ir.Node | None]:
     """Walk up from the BN input: optional Transpose, optional Add(bias), then Gemm or MatMul.
 
-    Returns ``(chain, layer, reason)``: ``chain`` the nodes between the layer's output and the BN
-    (input order: layer side first), ``layer`` the Gemm/MatMul or None when this is no candidate.
+    Returns ``(chain, layer)``: ``chain`` the nodes between the layer's output and the BN (layer side
+    first), ``layer`` the Gemm/MatMul, or None when this BN is no candidate for this rule.
     """
     chain: list[ir.Node] = []
     node = y.producer()
@@ -170,14 +169,14 @@ def _feature_layer(y: ir.Value) -> tuple[list[ir.Node], ir.Node | None, str | No
         mm = [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
         mm = [p for p in mm if p.op_type == "MatMul" and p.domain == ""]
         if not mm:
-            return chain, None, None
+            return chain, None
         chain.insert(0, node)
         node = mm[0]
     if node is None or node.op_type not in ("Gemm", "MatMul") or node.domain != "":
-        return chain, None, None
+        return chain, None
     if node.op_type == "Gemm" and any(c.op_type == "Add" for c in chain):
-        return chain, None, None
-    return chain, node, None
+        return chain, None
+    return chain, node
 
 
 @register_pass
@@ -209,7 +208,7 @@ class FuseBatchNormIntoGemm(NormfoldPass):
         y = bn.inputs[0]
         if y is None:
             return False
-        chain, layer, _ = _feature_layer(y)
+        chain, layer = _feature_layer(y)
         if layer is None:
             return False
         nodes = (layer, *chain, bn)
