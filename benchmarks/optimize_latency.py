@@ -2,8 +2,9 @@
 
 Each model is exported (dynamo at opset 21 by default, or ``--exporter torchscript`` at opset 17), then
 optimized with verification. Both sessions use ORT's default graph optimizations (what users run) and
-are timed interleaved in rounds, so machine drift hits both alike. Run:
-``python benchmarks/optimize_latency.py [--exporter dynamo|torchscript] [--models a,b] [--threads 1]``.
+are timed interleaved in rounds, so machine drift hits both alike. ``--level disable`` shows the gain on
+a runtime without ORT's own Conv+BN fusion. Run: ``python benchmarks/optimize_latency.py
+[--exporter dynamo|torchscript] [--models a,b] [--threads 1] [--level all|basic|disable]``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from normfold.exporter import export
 from normfold.fusers import optimize
 from normfold.models import ZOO, seeded_inputs
 
+LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+
 
 def _median_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], iters: int) -> float:
     times = []
@@ -39,14 +46,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument(
+        "--level", default="all", choices=tuple(LEVELS), help="ORT graph optimization level of both sessions"
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     opset = 21 if args.exporter == "dynamo" else 17
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     opts.log_severity_level = 3
+    opts.graph_optimization_level = LEVELS[args.level]
     print(
         f"exporter {args.exporter} opset {opset}, ORT {ort.__version__} CPU, {args.threads} thread(s), "
+        f"level {args.level}, "
         f"median of {args.rounds} interleaved rounds x {args.iters} runs"
     )
     header = f"{'model':24} {'nodes':>11} {'before ms':>10} {'after ms':>9} {'speedup':>8}  applied"
