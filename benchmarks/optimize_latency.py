@@ -44,8 +44,8 @@ def main() -> None:
     parser.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"))
     parser.add_argument("--models", default=",".join(ZOO))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--iters", type=int, default=100)
     parser.add_argument(
         "--level", default="all", choices=tuple(LEVELS), help="ORT graph optimization level of both sessions"
     )
