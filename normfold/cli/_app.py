@@ -74,6 +74,7 @@ def teardown_logging() -> None:
     root = logging.getLogger()
     while _handlers:
         root.removeHandler(_handlers.pop())
+        quiet_third_party(False)
     root.setLevel(logging.WARNING)
 
 
