@@ -16,22 +16,35 @@ if TYPE_CHECKING:
 
 
 def rules_table(report: OptimizeReport) -> Table:
-    """One row per rule and site: applied or skipped, the nodes, and why."""
-    from rich.markup import escape
+    """One row per rule: how many candidate sites it saw, applied and skipped, and its wall time."""
     from rich.table import Table
 
     table = Table(title=f"{report.source} → {report.output or '(not written)'}")
     table.add_column("rule", no_wrap=True)
     for col in ("matched", "applied", "skipped", "time ms"):
         table.add_column(col, justify="right")
-    table.add_column("sites", overflow="fold")
     for name, rule in report.rules.items():
-        lines = []
-        for e in rule.events:
-            mark = "[green]applied[/]" if e.status == "applied" else "[yellow]skipped[/]"
-            lines.append(f"{mark} {escape(' + '.join(e.nodes))}: {escape(e.reason)}")
         ms = report.pass_seconds.get(name, 0.0) * 1e3
-        table.add_row(name, str(rule.matched), str(rule.applied), str(rule.skipped), f"{ms:.1f}", "\n".join(lines))
+        table.add_row(name, str(rule.matched), str(rule.applied), str(rule.skipped), f"{ms:.1f}")
+    return table
+
+
+def sites_table(report: OptimizeReport) -> Table | None:
+    """One row per candidate site: the nodes, applied or skipped, and why (None when there are none)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    events = report.events()
+    if not events:
+        return None
+    table = Table(title="sites")
+    table.add_column("rule", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("nodes", overflow="fold", ratio=1)
+    table.add_column("detail / reason", overflow="fold", ratio=2)
+    for e in events:
+        status = "[green]applied[/]" if e.status == "applied" else "[yellow]skipped[/]"
+        table.add_row(e.rule, status, escape(" + ".join(e.nodes)), escape(e.reason))
     return table
 
 
@@ -84,6 +97,9 @@ def optimize_cmd(
         emit_json(report.to_dict())
         return
     out.print(rules_table(report))
+    sites = sites_table(report)
+    if sites is not None:
+        out.print(sites)
     out.print(ops_table(report))
     v = report.verification
     if v is None:
