@@ -99,6 +99,7 @@ REASON_NOT_CALLED = "never called"
 REASON_CALLS = "calls not separable"
 
 _ROOT_LABEL = "<root>"
+_INLINE_LIMIT = 1_800_000_000  # protobuf's 2 GiB limit, with the margin normfold.io uses
 
 
 def max_magnitude(reference: np.ndarray) -> float:
@@ -480,6 +481,7 @@ class _Graph:
         initializers = {t.name for t in graph.initializer}
         self.graph_inputs = [v.name for v in graph.input if v.name not in initializers]
         self.graph_outputs = [v.name for v in graph.output]
+        self._shapes: dict[str, tuple[int | None, ...] | None] = {}
         self.infos: dict[str, onnx.ValueInfoProto] = {}
         for info in (*graph.input, *graph.value_info, *graph.output):
             self.infos.setdefault(info.name, info)
@@ -495,8 +497,10 @@ class _Graph:
         return self._consumers.get(value, [])
 
     def shape(self, value: str) -> tuple[int | None, ...] | None:
-        info = self.infos.get(value)
-        return None if info is None else _dims(info)
+        if value not in self._shapes:
+            info = self.infos.get(value)
+            self._shapes[value] = None if info is None else _dims(info)
+        return self._shapes[value]
 
     def elem_type(self, value: str) -> int:
         info = self.infos.get(value)
@@ -920,7 +924,11 @@ def _run_instrumented(
         added += 1
     opts = dataclasses.replace(options) if options is not None else SessionOptions()
     with tempfile.TemporaryDirectory(prefix="normfold-layers-", dir=_scratch_dir()) as tmp:
-        path = save_onnx(proto, Path(tmp) / "per_layer.onnx")
+        path = Path(tmp) / "per_layer.onnx"
+        if proto.ByteSize() < _INLINE_LIMIT:  # a private scratch file: no atomic rename needed
+            path.write_bytes(proto.SerializeToString())
+        else:
+            save_onnx(proto, path)  # external data beside it
         with backend.load(path, opts) as runner:
             run_feeds = {meta.name: feeds[meta.name] for meta in runner.inputs if meta.name in feeds}
             if len(run_feeds) != len(runner.inputs):
