@@ -668,10 +668,13 @@ def _value_of_tensor(
     return None if m is None else m.value
 
 
-def _absorber(g: _Graph, path: str, inputs: list[str], later: set[str]) -> tuple[str, onnx.NodeProto] | None:
+def _absorber(
+    g: _Graph, path: str, inputs: list[str], last_call: dict[str, int], order: int
+) -> tuple[str, onnx.NodeProto] | None:
     """The module (and node) that took over ``path``'s computation: a consumer of its inputs.
 
     Preference: a later sibling (Conv → BN), then a descendant of a later sibling, then an ancestor.
+    ``last_call[p]`` is the order of ``p``'s last call; "later" means after call ``order``.
     """
     parent = _parent(path)
     best: tuple[int, int, str, onnx.NodeProto] | None = None
@@ -680,14 +683,9 @@ def _absorber(g: _Graph, path: str, inputs: list[str], later: set[str]) -> tuple
             owner = g.paths[i]
             if owner is None or owner == path or owner.startswith(path + "."):
                 continue
-            if _parent(owner) == parent and owner in later:
-                rank = 0
-            elif (
-                parent is not None
-                and _is_ancestor(parent, owner)
-                and any(owner == s or owner.startswith(s + ".") for s in later if _parent(s) == parent)
-            ):
-                rank = 1
+            sibling = _child_towards(parent, owner) if parent is not None else None
+            if sibling is not None and last_call.get(sibling, -1) > order:
+                rank = 0 if sibling == owner else 1
             elif _is_ancestor(owner, path):
                 rank = 2
             else:
@@ -698,6 +696,15 @@ def _absorber(g: _Graph, path: str, inputs: list[str], later: set[str]) -> tuple
     return None if best is None else (best[2], best[3])
 
 
+def _child_towards(parent: str, path: str) -> str | None:
+    """The child of ``parent`` on the way down to ``path`` (``path`` itself for a direct child)."""
+    if not _is_ancestor(parent, path):
+        return None
+    rest = path[len(parent) + 1 :] if parent else path
+    head = rest.split(".", 1)[0]
+    return f"{parent}.{head}" if parent else head
+
+
 def _resolve_nodeless(
     g: _Graph,
     calls: list[_Call],
@@ -706,12 +713,7 @@ def _resolve_nodeless(
     matches: dict[tuple[int, int], _Match],
 ) -> None:
     """Give a match or a reason to every (call, output) of a module that owns no ONNX node."""
-    later_paths: list[set[str]] = []
-    seen: set[str] = set()
-    for c in reversed(calls):
-        later_paths.append(set(seen))
-        seen.add(c.path)
-    later_paths.reverse()
+    last_call = {c.path: c.order for c in calls}
     for c in calls:
         for j, out in enumerate(c.outputs):
             key = (c.order, j)
@@ -734,7 +736,7 @@ def _resolve_nodeless(
                 for v in (_value_of_tensor(t, calls, producer, input_ids, g, matches, c.order) for t in c.input_ids)
                 if v is not None
             ]
-            found = _absorber(g, c.path, inputs, later_paths[c.order]) if inputs else None
+            found = _absorber(g, c.path, inputs, last_call, c.order) if inputs else None
             if found is None:
                 why = (
                     "its nodes are not in the graph and no later sibling or parent consumes its inputs"
