@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from normfold.fusers.base import RuleEvent
+from normfold.numerics.metrics import TensorMetrics
 
 
 @dataclass
@@ -41,26 +42,6 @@ class RuleSummary:
 
 
 @dataclass
-class OutputMetrics:
-    """Before-vs-after difference of one graph output."""
-
-    name: str
-    max_abs: float
-    max_rel: float
-    mismatched: float
-    passed: bool
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "max_abs": self.max_abs,
-            "max_rel": self.max_rel,
-            "mismatched_fraction": self.mismatched,
-            "passed": self.passed,
-        }
-
-
-@dataclass
 class VerificationReport:
     """The ORT CPU before/after check: ``|after − before| ≤ atol + rtol·|before|`` on every output."""
 
@@ -69,7 +50,7 @@ class VerificationReport:
     rtol: float
     seed: int
     inputs: dict[str, list[int]]
-    outputs: list[OutputMetrics] = field(default_factory=list)
+    outputs: list[TensorMetrics] = field(default_factory=list)
     attempts: int = 1
     disabled: list[RuleEvent] = field(default_factory=list)
     error: str = ""
