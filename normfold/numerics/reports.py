@@ -21,13 +21,12 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from normfold.errors import UsageError
-from normfold.io import write_text
+from normfold.io import json_text, write_text
 
 if TYPE_CHECKING:
     from normfold.numerics.compare import BackendComparison, CompareReport
@@ -45,19 +44,6 @@ __all__ = [
 
 REPORT_SCHEMA = "normfold.compare/1"
 FORMATS = {".json": "json", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html"}
-
-
-def _jsonable(obj: Any) -> Any:
-    """Recursively replace non-finite floats by strings so ``json.dumps(allow_nan=False)`` accepts them."""
-    if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def _layer_reports(report: CompareReport) -> list[tuple[str, LayerReport]]:
@@ -91,7 +77,7 @@ def compare_report_dict(report: CompareReport) -> dict[str, Any]:
 
 
 def compare_report_json(report: CompareReport) -> str:
-    return json.dumps(_jsonable(compare_report_dict(report)), indent=2, allow_nan=False) + "\n"
+    return json_text(compare_report_dict(report))
 
 
 # --------------------------------------------------------------------------------------------------------
