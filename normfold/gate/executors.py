@@ -1,0 +1,309 @@
+"""Where cases run: in this process, in worker processes, or as Ray tasks. Same verdicts from each.
+
+* ``local`` runs cases one after another in this process. Cheapest; a case that crashes the
+  interpreter takes the gate down with it and timeouts are not enforced, so CI should use ``process``.
+* ``process`` keeps up to ``jobs`` spawned worker processes (never fork: torch and ORT hold threads).
+  A watchdog in the parent waits on each worker's pipe and process sentinel at once: a case past its
+  ``timeout_s`` gets its worker killed, and a worker that dies mid-case (segfault in a runtime, the OOM
+  killer) turns into that case's ``error`` with the signal named. A fresh worker replaces it; the gate
+  itself never dies or hangs.
+* ``ray`` submits each case as a Ray task (``ray.init(address=...)``, or a local Ray with ``jobs`` CPUs).
+  At most ``jobs`` tasks are in flight so that each task's timeout counts from its own start; a task past
+  its timeout is cancelled with ``force=True`` (its worker process is killed), and a crashed worker is
+  that case's error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from normfold.errors import ConfigError, UsageError
+from normfold.gate.cases import CaseResult, CaseSpec, run_case
+
+log = logging.getLogger(__name__)
+
+OnStart = Callable[[CaseSpec], None]
+OnDone = Callable[[CaseResult], None]
+
+_KILL_GRACE_S = 5.0
+
+
+def _noop_start(spec: CaseSpec) -> None:
+    return None
+
+
+def _noop_done(result: CaseResult) -> None:
+    return None
+
+
+def _infra_failure(spec: CaseSpec, reason: str, stage: str, started: float) -> CaseResult:
+    result = CaseResult(
+        spec.case_id, spec.model, spec.backend, spec.precision, status="error", reason=reason, stage=stage
+    )
+    result.duration_s = time.perf_counter() - started
+    return result
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """A worker's exit code in words: negative codes are the signal that killed it."""
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = {
+            "SIGSEGV": " (segmentation fault inside a native library)",
+            "SIGKILL": " (killed; often the out-of-memory killer)",
+            "SIGABRT": " (aborted by a native library)",
+            "SIGBUS": " (bus error inside a native library)",
+        }.get(name, "")
+        return f"killed by {name}{hint}"
+    return f"exited with code {exitcode}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# local
+
+
+def run_local(
+    specs: Sequence[CaseSpec], on_start: OnStart = _noop_start, on_done: OnDone = _noop_done
+) -> list[CaseResult]:
+    """Every case in this process, in order (no isolation, no timeout)."""
+    results = []
+    for spec in specs:
+        on_start(spec)
+        result = run_case(spec)
+        on_done(result)
+        results.append(result)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------
+# process
+
+
+def _worker_main(conn: Connection) -> None:
+    """Worker loop: receive a spec, send back its result; ``None`` ends the loop."""
+    import warnings
+
+    import torch.onnx  # noqa: F401  (its import configures torch's loggers; quiet them after it)
+
+    warnings.simplefilter("ignore")
+    for name in ("", "torch", "torch.onnx", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    while True:
+        try:
+            spec = conn.recv()
+        except EOFError:
+            return
+        if spec is None:
+            return
+        conn.send(run_case(spec))
+
+
+class _Worker:
+    def __init__(self, ctx: Any) -> None:
+        parent, child = ctx.Pipe(duplex=True)
+        self.conn: Connection = parent
+        self.process = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="normfold-gate-worker")
+        self.process.start()
+        child.close()
+        self.spec: CaseSpec | None = None
+        self.started = 0.0
+
+    def assign(self, spec: CaseSpec) -> None:
+        self.spec, self.started = spec, time.perf_counter()
+        self.conn.send(spec)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(_KILL_GRACE_S)
+        self.conn.close()
+
+    def stop(self) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.conn.send(None)
+        self.process.join(_KILL_GRACE_S)
+        if self.process.is_alive():
+            self.kill()
+        else:
+            self.conn.close()
+
+
+def run_processes(
+    specs: Sequence[CaseSpec], jobs: int, on_start: OnStart = _noop_start, on_done: OnDone = _noop_done
+) -> list[CaseResult]:
+    """Cases in up to ``jobs`` spawned worker processes, with a per-case timeout and crash isolation."""
+    ctx = multiprocessing.get_context("spawn")
+    pending = deque(specs)
+    results: dict[str, CaseResult] = {}
+    idle: list[_Worker] = []
+    busy: list[_Worker] = []
+    try:
+        while pending or busy:
+            while pending and len(busy) < jobs:
+                worker = idle.pop() if idle else _Worker(ctx)
+                spec = pending.popleft()
+                on_start(spec)
+                worker.assign(spec)
+                busy.append(worker)
+            now = time.perf_counter()
+            deadline = min(w.started + w.spec.timeout_s for w in busy if w.spec is not None)
+            handles: list[Any] = [w.conn for w in busy] + [w.process.sentinel for w in busy]
+            ready = set(wait(handles, timeout=max(0.0, deadline - now)))
+            for worker in list(busy):
+                spec = worker.spec
+                if spec is None:  # cannot happen: busy workers always hold a case
+                    continue
+                result: CaseResult | None = None
+                if worker.conn in ready:
+                    try:
+                        result = worker.conn.recv()
+                    except (EOFError, OSError):
+                        result = None  # died while sending: handled as a crash below
+                    if result is not None:
+                        busy.remove(worker)
+                        worker.spec = None
+                        idle.append(worker)
+                if result is None and (worker.process.sentinel in ready or not worker.process.is_alive()):
+                    worker.process.join(_KILL_GRACE_S)
+                    reason = f"worker process {describe_exit(worker.process.exitcode)} while running this case"
+                    result = _infra_failure(spec, reason, "crash", worker.started)
+                    busy.remove(worker)
+                    worker.kill()
+                elif result is None and time.perf_counter() - worker.started >= spec.timeout_s:
+                    result = _infra_failure(
+                        spec, f"timed out after {spec.timeout_s:g} s (worker killed)", "timeout", worker.started
+                    )
+                    busy.remove(worker)
+                    worker.kill()
+                if result is not None:
+                    results[spec.case_id] = result
+                    on_done(result)
+    finally:
+        for worker in busy:
+            worker.kill()
+        for worker in idle:
+            worker.stop()
+    return [results[s.case_id] for s in specs]
+
+
+# --------------------------------------------------------------------------------------------------------
+# ray
+
+
+def _package_root() -> str:
+    import normfold
+
+    return str(Path(normfold.__file__).resolve().parent.parent)
+
+
+def run_ray(
+    specs: Sequence[CaseSpec],
+    jobs: int,
+    address: str | None = None,
+    on_start: OnStart = _noop_start,
+    on_done: OnDone = _noop_done,
+) -> list[CaseResult]:
+    """Each case as a Ray task on the cluster at ``address`` (a local Ray with ``jobs`` CPUs when None)."""
+    try:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayError, TaskCancelledError
+    except ImportError as e:
+        raise UsageError("the ray executor needs Ray: pip install 'normfold[ray]'") from e
+    started_here = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+        if address:
+            kwargs["address"] = address
+        else:
+            # A local Ray must import this same normfold, not whatever another path would resolve to.
+            path = os.pathsep.join(p for p in (_package_root(), os.environ.get("PYTHONPATH", "")) if p)
+            kwargs.update(num_cpus=jobs, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"cannot start or reach Ray at {address or 'a local cluster'}: {e}") from e
+        started_here = True
+    remote = ray.remote(num_cpus=1, max_retries=0)(run_case)
+    pending = deque(specs)
+    in_flight: dict[Any, tuple[CaseSpec, float]] = {}
+    results: dict[str, CaseResult] = {}
+
+    def finish(spec: CaseSpec, result: CaseResult) -> None:
+        results[spec.case_id] = result
+        on_done(result)
+
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < jobs:
+                spec = pending.popleft()
+                on_start(spec)
+                in_flight[remote.remote(spec)] = (spec, time.perf_counter())
+            now = time.perf_counter()
+            deadline = min(start + spec.timeout_s for spec, start in in_flight.values())
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=max(0.0, deadline - now))
+            for ref in done:
+                spec, start = in_flight.pop(ref)
+                try:
+                    finish(spec, ray.get(ref))
+                except (RayError, GetTimeoutError) as e:
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    finish(spec, _infra_failure(spec, f"ray task failed: {type(e).__name__}: {first}", "crash", start))
+            now = time.perf_counter()
+            for ref, (spec, start) in list(in_flight.items()):
+                if now - start >= spec.timeout_s:
+                    in_flight.pop(ref)
+                    try:
+                        ray.cancel(ref, force=True)
+                    except (RayError, TaskCancelledError) as e:
+                        log.debug("cancelling %s: %s", spec.case_id, e)
+                    finish(
+                        spec,
+                        _infra_failure(
+                            spec, f"timed out after {spec.timeout_s:g} s (ray task cancelled)", "timeout", start
+                        ),
+                    )
+    finally:
+        for ref in in_flight:
+            ray.cancel(ref, force=True)
+        if started_here:
+            ray.shutdown()
+    return [results[s.case_id] for s in specs]
+
+
+def run_cases(
+    specs: Sequence[CaseSpec],
+    *,
+    executor: str = "local",
+    jobs: int = 1,
+    ray_address: str | None = None,
+    on_start: OnStart = _noop_start,
+    on_done: OnDone = _noop_done,
+) -> list[CaseResult]:
+    """Dispatch to the named executor; results come back in the order of ``specs``."""
+    if not specs:
+        return []
+    if executor == "local":
+        return run_local(specs, on_start, on_done)
+    if executor == "process":
+        return run_processes(specs, max(1, jobs), on_start, on_done)
+    if executor == "ray":
+        return run_ray(specs, max(1, jobs), ray_address, on_start, on_done)
+    raise UsageError(f"unknown executor {executor!r}; expected local, process or ray")
