@@ -2,11 +2,11 @@
 
 * ``local`` runs cases one after another in this process. Cheapest; a case that crashes the
   interpreter takes the gate down with it and timeouts are not enforced, so CI should use ``process``.
-* ``process`` keeps up to ``jobs`` spawned worker processes (never fork: torch and ORT hold threads).
-  A watchdog in the parent waits on each worker's pipe and process sentinel at once: a case past its
+* ``process`` keeps up to ``jobs`` worker subprocesses (fresh interpreters; never fork, since torch and
+  ORT hold threads). A watchdog in the parent waits on every worker's socket at once: a case past its
   ``timeout_s`` gets its worker killed, and a worker that dies mid-case (segfault in a runtime, the OOM
-  killer) turns into that case's ``error`` with the signal named. A fresh worker replaces it; the gate
-  itself never dies or hangs.
+  killer) closes its socket, which turns into that case's ``error`` with the signal named. A fresh worker
+  replaces it; the gate itself never dies or hangs.
 * ``ray`` submits each case as a Ray task (``ray.init(address=...)``, or a local Ray with ``jobs`` CPUs).
   At most ``jobs`` tasks are in flight so that each task's timeout counts from its own start; a task past
   its timeout is cancelled with ``force=True`` (its worker process is killed), and a crashed worker is
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -36,6 +38,7 @@ OnStart = Callable[[CaseSpec], None]
 OnDone = Callable[[CaseResult], None]
 
 _KILL_GRACE_S = 5.0
+_STOP_GRACE_S = 2.0  # idle workers hold no state: a slow interpreter shutdown is cut short
 
 
 def _noop_start(spec: CaseSpec) -> None:
@@ -94,35 +97,53 @@ def run_local(
 # process
 
 
-def _worker_main(conn: Connection) -> None:
-    """Worker loop: receive a spec, send back its result; ``None`` ends the loop."""
+def worker_main(fd: int) -> None:
+    """Worker loop over the socket ``fd``: receive a spec, send back its result; ``None`` ends the loop."""
     import warnings
 
     import torch.onnx  # noqa: F401  (its import configures torch's loggers; quiet them after it)
 
     warnings.simplefilter("ignore")
-    for name in ("", "torch", "torch.onnx", "onnxscript", "onnx_ir"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("torch"):
+    for name in ["", *logging.root.manager.loggerDict]:
+        if name in ("", "onnxscript", "onnx_ir") or name.startswith("torch"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    conn = Connection(fd)
     while True:
         try:
             spec = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             return
         if spec is None:
             return
         conn.send(run_case(spec))
 
 
+def _child_env() -> dict[str, str]:
+    """The worker imports what this process imports: this normfold and every user module on sys.path."""
+    env = dict(os.environ)
+    paths = [_package_root(), *(p or os.getcwd() for p in sys.path)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+    return env
+
+
 class _Worker:
-    def __init__(self, ctx: Any) -> None:
-        parent, child = ctx.Pipe(duplex=True)
-        self.conn: Connection = parent
-        self.process = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="normfold-gate-worker")
-        self.process.start()
+    """A ``python -m normfold.gate._worker`` subprocess talking over a socket pair.
+
+    A plain subprocess, not ``multiprocessing``: spawn would re-import the caller's ``__main__`` (an
+    unguarded script would run again in every worker), and fork is unsafe once torch and ORT hold threads.
+    When the worker dies, its end of the socket closes, so the parent sees EOF and reads the exit status.
+    """
+
+    def __init__(self, env: dict[str, str]) -> None:
+        parent, child = socket.socketpair()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "normfold.gate._worker", str(child.fileno())],
+            pass_fds=(child.fileno(),),
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
         child.close()
+        self.conn = Connection(parent.detach())
         self.spec: CaseSpec | None = None
         self.started = 0.0
 
@@ -130,27 +151,40 @@ class _Worker:
         self.spec, self.started = spec, time.perf_counter()
         self.conn.send(spec)
 
-    def kill(self) -> None:
-        if self.process.is_alive():
+    def exit_description(self) -> str:
+        try:
+            code = self.process.wait(_KILL_GRACE_S)
+        except subprocess.TimeoutExpired:
             self.process.kill()
-        self.process.join(_KILL_GRACE_S)
+            code = self.process.wait()
+        return describe_exit(code)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(_KILL_GRACE_S)
         self.conn.close()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):
             self.conn.send(None)
-        self.process.join(_KILL_GRACE_S)
-        if self.process.is_alive():
-            self.kill()
-        else:
-            self.conn.close()
+
+    def reap(self, deadline: float) -> None:
+        """Wait for the exit asked for by :meth:`request_stop` until ``deadline``, then kill."""
+        try:
+            self.process.wait(max(0.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.conn.close()
 
 
 def run_processes(
     specs: Sequence[CaseSpec], jobs: int, on_start: OnStart = _noop_start, on_done: OnDone = _noop_done
 ) -> list[CaseResult]:
-    """Cases in up to ``jobs`` spawned worker processes, with a per-case timeout and crash isolation."""
-    ctx = multiprocessing.get_context("spawn")
+    """Cases in up to ``jobs`` worker subprocesses, with a per-case timeout and crash isolation."""
+    env = _child_env()
     pending = deque(specs)
     results: dict[str, CaseResult] = {}
     idle: list[_Worker] = []
@@ -158,15 +192,14 @@ def run_processes(
     try:
         while pending or busy:
             while pending and len(busy) < jobs:
-                worker = idle.pop() if idle else _Worker(ctx)
+                worker = idle.pop() if idle else _Worker(env)
                 spec = pending.popleft()
                 on_start(spec)
                 worker.assign(spec)
                 busy.append(worker)
             now = time.perf_counter()
             deadline = min(w.started + w.spec.timeout_s for w in busy if w.spec is not None)
-            handles: list[Any] = [w.conn for w in busy] + [w.process.sentinel for w in busy]
-            ready = set(wait(handles, timeout=max(0.0, deadline - now)))
+            ready = set(wait([w.conn for w in busy], timeout=max(0.0, deadline - now)))
             for worker in list(busy):
                 spec = worker.spec
                 if spec is None:  # cannot happen: busy workers always hold a case
@@ -176,18 +209,14 @@ def run_processes(
                     try:
                         result = worker.conn.recv()
                     except (EOFError, OSError):
-                        result = None  # died while sending: handled as a crash below
-                    if result is not None:
-                        busy.remove(worker)
-                        worker.spec = None
+                        reason = f"worker process {worker.exit_description()} while running this case"
+                        result = _infra_failure(spec, reason, "crash", worker.started)
+                        worker.kill()
+                    else:
                         idle.append(worker)
-                if result is None and (worker.process.sentinel in ready or not worker.process.is_alive()):
-                    worker.process.join(_KILL_GRACE_S)
-                    reason = f"worker process {describe_exit(worker.process.exitcode)} while running this case"
-                    result = _infra_failure(spec, reason, "crash", worker.started)
                     busy.remove(worker)
-                    worker.kill()
-                elif result is None and time.perf_counter() - worker.started >= spec.timeout_s:
+                    worker.spec = None
+                elif time.perf_counter() - worker.started >= spec.timeout_s:
                     result = _infra_failure(
                         spec, f"timed out after {spec.timeout_s:g} s (worker killed)", "timeout", worker.started
                     )
@@ -200,7 +229,10 @@ def run_processes(
         for worker in busy:
             worker.kill()
         for worker in idle:
-            worker.stop()
+            worker.request_stop()
+        deadline = time.perf_counter() + _STOP_GRACE_S
+        for worker in idle:
+            worker.reap(deadline)
     return [results[s.case_id] for s in specs]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from normfold.errors import ConfigError
 from normfold.gate.baseline import Baseline, apply_baseline, load_baseline, update_baseline
-from normfold.gate.cases import CaseResult, CaseSpec
+from normfold.gate.cases import CaseResult, CaseSpec, probe_reason
 from normfold.gate.config import EXECUTORS, GateConfig, load_config
 from normfold.gate.executors import run_cases
 from normfold.gate.report import GateReport, write_json
@@ -135,6 +135,15 @@ def run_gate(
         baseline_path = config.base_dir / DEFAULT_BASELINE
     previous = load_baseline(baseline_path) if baseline_path is not None else None
     specs = plan_cases(config, require=require, baseline=previous, update=update_baseline_file)
+    if executor_name in ("local", "process"):
+        # Same machine: probe each backend once here instead of once per worker (a CUDA probe costs seconds).
+        # Ray cases probe where they run, since the cluster's machines may differ from this one.
+        probes: dict[tuple[str, str], str] = {}
+        for spec in specs:
+            key = (spec.backend, spec.precision)
+            if key not in probes:
+                probes[key] = probe_reason(*key)
+            spec.unavailable = probes[key]
     if on_plan is not None:
         on_plan(specs)
 
