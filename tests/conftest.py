@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch.onnx  # noqa: F401  (bind torch's log handlers to the real stderr before CliRunner swaps it)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

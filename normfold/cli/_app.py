@@ -38,11 +38,11 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 def setup_logging(verbose: bool) -> None:
     """Logging is configured here only: the library just calls ``logging.getLogger(__name__)``."""
+    teardown_logging()
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
     handler = RichHandler(console=err, show_path=False, show_time=False, markup=False)
     root.addHandler(handler)
+    _handlers.append(handler)
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     quiet_third_party(verbose)
 
@@ -66,12 +66,26 @@ def quiet_third_party(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(level)
 
 
+_handlers: list[logging.Handler] = []
+
+
+def teardown_logging() -> None:
+    """Detach our handler when the command ends (CliRunner closes the stream it wrote to)."""
+    root = logging.getLogger()
+    while _handlers:
+        root.removeHandler(_handlers.pop())
+        quiet_third_party(False)
+    root.setLevel(logging.WARNING)
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks on errors."),
 ) -> None:
     state["verbose"] = verbose
     setup_logging(verbose)
+    ctx.call_on_close(teardown_logging)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:

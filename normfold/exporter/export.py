@@ -18,6 +18,7 @@ import collections
 import contextlib
 import io
 import logging
+import re
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -212,8 +213,7 @@ def export(
     except (ExportError, UsageError):
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ExportError(f"{exporter} export failed: {type(e).__name__}: {first[:400]}") from e
+        raise ExportError(f"{exporter} export failed: {_root_cause(e)}") from e
     got = default_opset(proto)
     if got != opset:
         raise ExportError(
@@ -241,6 +241,15 @@ def export(
     )
     log.info("exported %s nodes at opset %s to %s", result.node_count, got, target)
     return result
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's first line: torch wraps the real error in pages of advice."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first[:400]}"
 
 
 def _apply_norm_export(proto: onnx.ModelProto, mode: str) -> onnx.ModelProto:

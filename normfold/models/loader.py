@@ -178,7 +178,7 @@ def load_inputs_npz(path: str | Path, specs_or_names: Sequence[InputSpec] | Sequ
 
 
 def _closest(word: str, candidates: Sequence[str]) -> str:
-    matches = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.5)
+    matches = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.7)
     return f"; did you mean {', '.join(matches)}?" if matches else ""
 
 
@@ -243,7 +243,9 @@ def _call_factory(ref: str, factory: Any) -> tuple[nn.Module, tuple[torch.Tensor
         except Exception as e:
             raise ModelLoadError(f"factory {ref!r} raised {type(e).__name__}: {e}") from e
     else:
-        raise ModelLoadError(f"{ref!r} is a {type(factory).__name__}, expected a factory callable")
+        raise ModelLoadError(
+            f"{ref!r} is not callable ({type(factory).__name__}); expected a factory function or class"
+        )
     expected = "expected an nn.Module or (nn.Module, example_inputs)"
     if isinstance(result, nn.Module):
         return result, None
@@ -321,6 +323,18 @@ def _extract_state_dict(path: Path, obj: Any) -> Mapping[str, torch.Tensor]:
     return obj
 
 
+def _unpickler_detail(error: pickle.UnpicklingError) -> str:
+    """The specific reason from torch's long weights_only message (kept by its chained error)."""
+    inner = error.__cause__ or error.__context__
+    text = str(inner) if isinstance(inner, pickle.UnpicklingError) else str(error)
+    text = text.split("WeightsUnpickler error:")[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    first = lines[0]
+    return first.split(". ")[0].rstrip(".") if ". " in first else first
+
+
 def load_weights(module: nn.Module, path: str | Path) -> None:
     """Load a checkpoint into ``module`` strictly, never executing code from its pickle.
 
@@ -333,11 +347,16 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = _unpickler_detail(e)
+        if "global" in detail.lower():
+            raise ModelLoadError(
+                f"refused to load {path}: its pickle would run code or build objects other than tensors "
+                f"(torch.load weights_only=True: {detail}); save a plain state_dict with "
+                f"torch.save(model.state_dict(), path)"
+            ) from e
         raise ModelLoadError(
-            f"refused to load {path}: its pickle would run code or build objects other than tensors "
-            f"(torch.load weights_only=True: {first}); save a plain state_dict with "
-            f"torch.save(model.state_dict(), path)"
+            f"cannot read checkpoint {path}: not a torch checkpoint, or one using pickle features that "
+            f"weights_only=True refuses ({detail})"
         ) from e
     except Exception as e:
         raise ModelLoadError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e

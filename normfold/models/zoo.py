@@ -38,6 +38,27 @@ def _randomize_stats(mean: torch.Tensor, var: torch.Tensor) -> None:
     _uniform_(var, 0.5, 2.0)
 
 
+def _calibrate_batchnorm(module: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """Set BN running statistics to those of one seeded batch, as after training on real data.
+
+    Random statistics around (0, 1) do not match the actual activation scale; through sigmoids that lets
+    the signal fade until the output barely depends on the input, and then a folding mistake could hide
+    (a 1% weight fault in LeNet's first conv moved the output by 9e-7). Calibrated statistics keep
+    every BN's output at unit scale, as in a trained net.
+    """
+    saved: dict[nn.Module, float | None] = {}
+    for sub in module.modules():
+        if isinstance(sub, _BatchNorm):
+            saved[sub] = sub.momentum
+            sub.momentum = 1.0  # running = batch statistics of the calibration batch
+    module.train()
+    with torch.no_grad():
+        module(torch.randn(shape))
+    for sub, momentum in saved.items():
+        sub.momentum = momentum
+    return module.eval()
+
+
 def _randomize_norms(module: nn.Module) -> nn.Module:
     """Give every normalization layer in ``module`` random statistics and affine parameters.
 
@@ -127,7 +148,7 @@ class ScratchBatchNorm(nn.Module):
         if self.moving_mean.device != x.device:
             self.moving_mean = self.moving_mean.to(x.device)
             self.moving_var = self.moving_var.to(x.device)
-        y, self.moving_mean, self.moving_var = _scratch_batch_norm(
+        y, moving_mean, moving_var = _scratch_batch_norm(
             x,
             self.gamma,
             self.beta,
@@ -137,6 +158,9 @@ class ScratchBatchNorm(nn.Module):
             self.momentum,
             self.training,
         )
+        # eval never rebinds the stats: under inference_mode that would leave inference tensors behind
+        if self.training:
+            self.moving_mean, self.moving_var = moving_mean, moving_var
         return y
 
 
@@ -206,7 +230,7 @@ def _lenet(scratch_bn: bool) -> Chain:
     tags=("batchnorm", "conv", "linear"),
 )
 def lenet_bn() -> nn.Module:
-    return _randomize_norms(_lenet(scratch_bn=False))
+    return _calibrate_batchnorm(_randomize_norms(_lenet(scratch_bn=False)), (64, 1, 28, 28))
 
 
 @register(
@@ -216,7 +240,22 @@ def lenet_bn() -> nn.Module:
     tags=("batchnorm", "handwritten", "conv", "linear"),
 )
 def lenet_custom_bn() -> nn.Module:
-    return _randomize_norms(_lenet(scratch_bn=True))
+    # Exactly lenet_bn's numbers (weights, affine, calibrated statistics) in the textbook module, so the
+    # two must fold to the same graph and the same outputs.
+    reference = lenet_bn()
+    net = _lenet(scratch_bn=True)
+    for ref, mod in zip(reference, net, strict=True):
+        if isinstance(mod, ScratchBatchNorm):
+            assert isinstance(ref, _BatchNorm) and ref.running_mean is not None and ref.running_var is not None
+            with torch.no_grad():
+                mod.gamma.copy_(ref.weight.view_as(mod.gamma))
+                mod.beta.copy_(ref.bias.view_as(mod.beta))
+            mod.moving_mean = ref.running_mean.detach().clone().view_as(mod.moving_mean)
+            mod.moving_var = ref.running_var.detach().clone().view_as(mod.moving_var)
+            mod.eps = ref.eps
+        else:
+            mod.load_state_dict(ref.state_dict())
+    return net
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -276,7 +315,7 @@ class SmallResNet(nn.Module):
     tags=("batchnorm", "conv", "residual"),
 )
 def resnet_basic() -> nn.Module:
-    return _randomize_norms(SmallResNet())
+    return _calibrate_batchnorm(_randomize_norms(SmallResNet()), (16, 3, 32, 32))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -319,7 +358,7 @@ def mobilenet_dw() -> nn.Module:
         nn.Flatten(),
         nn.Linear(64, 10),
     )
-    return _randomize_norms(net)
+    return _calibrate_batchnorm(_randomize_norms(net), (16, 3, 32, 32))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -345,7 +384,7 @@ def convtranspose_decoder() -> nn.Module:
         nn.ReLU(inplace=True),
         nn.Conv2d(8, 3, kernel_size=3, padding=1),
     )
-    return _randomize_norms(net)
+    return _calibrate_batchnorm(_randomize_norms(net), (16, 16, 8, 8))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -368,7 +407,7 @@ def conv1d_bn() -> nn.Module:
         nn.ReLU(inplace=True),
         nn.Conv1d(16, 4, kernel_size=1),
     )
-    return _randomize_norms(net)
+    return _calibrate_batchnorm(_randomize_norms(net), (16, 4, 32))
 
 
 # --------------------------------------------------------------------------------------------------------
