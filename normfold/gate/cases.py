@@ -355,20 +355,22 @@ def _bench(spec: CaseSpec, onnx_path: Path, result: CaseResult) -> None:
         return
     s = spec.settings
     bench: Callable[..., Any] = benchmark
+    # batch_sizes=None: the model's own batch (a static model cannot run another).
     report = bench(
-        onnx_path, backends=(spec.backend,), batch_sizes=(1,), warmup=s["bench_warmup"], iters=s["bench_iters"]
+        onnx_path, backends=(spec.backend,), batch_sizes=None, warmup=s["bench_warmup"], iters=s["bench_iters"]
     )
     rows = list(_get(report, "results", []) or [])
     row = next((r for r in rows if _get(r, "backend") == spec.backend), rows[0] if rows else None)
     if row is None:
         result.notes.append("benchmark returned no results; latency not judged")
         return
+    data = row.to_dict() if hasattr(row, "to_dict") else dict(row)
     latency = {
-        k: float(_get(row, k))
-        for k in ("p50_ms", "p90_ms", "min_ms", "max_ms", "mean_ms", "std_ms")
-        if isinstance(_get(row, k), (int, float))
+        k: float(data[k])
+        for k in ("p50_ms", "p90_ms", "min_ms", "max_ms", "mean_ms", "std_ms", "first_run_ms")
+        if isinstance(data.get(k), (int, float))
     }
-    latency["iterations"] = int(_get(row, "iterations", s["bench_iters"]) or 0)
+    latency["iterations"] = int(data.get("iterations") or s["bench_iters"])
     result.latency = latency
     budget = (s.get("latency_budget_ms") or {}).get(spec.backend)
     p50 = latency.get("p50_ms")

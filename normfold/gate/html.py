@@ -46,6 +46,14 @@ def _layer_failed(row: dict[str, Any]) -> bool:
     return str(row.get("status", "")).lower() in ("failed", "fail")
 
 
+def _layer_atol(row: dict[str, Any]) -> float | None:
+    """The absolute tolerance this layer was judged with (per-layer tolerances may grow with depth)."""
+    for source in (row.get("metrics"), row.get("tolerance")):
+        if isinstance(source, dict) and isinstance(source.get("atol"), (int, float)):
+            return float(source["atol"])
+    return None
+
+
 def layer_plot_png(case: CaseResult) -> bytes | None:
     """PNG of per-layer max-abs error for ``case``, or None when it has no per-layer numbers."""
     rows = [r for r in _layer_rows(case.layers) if isinstance(r.get("max_abs"), (int, float))]
@@ -64,7 +72,11 @@ def layer_plot_png(case: CaseResult) -> bytes | None:
         ax.set_yscale("log")
         ax.set_ylabel("max |onnx − eager|")
         ax.set_title(f"{case.case_id}: per-layer error (red: out of tolerance)")
-        if case.tolerance.get("atol"):
+        layer_tols = [_layer_atol(r) for r in rows]
+        if all(t is not None for t in layer_tols):
+            ax.plot(range(len(rows)), layer_tols, "_", color="#1f2328", markersize=18, label="layer tolerance")
+            ax.legend(loc="upper left")
+        elif case.tolerance.get("atol"):
             ax.axhline(float(case.tolerance["atol"]), color="#9a6700", linestyle="--", linewidth=1, label="atol")
             ax.legend(loc="upper left")
         ax.set_xticks(range(len(values)))

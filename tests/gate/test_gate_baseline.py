@@ -95,3 +95,26 @@ def test_a_corrupt_baseline_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a normfold baseline"):
         load_baseline(tmp_path / "b.json")
     assert load_baseline(tmp_path / "absent.json") is None
+
+
+def test_latency_budget_fails_the_case_or_says_why_it_was_not_judged(tmp_path: Path) -> None:
+    import importlib
+
+    bench_available = hasattr(importlib.import_module("normfold.bench"), "benchmark")
+    data = {
+        "defaults": {"exporter": "torchscript", "opset": 17, "bench_iters": 5, "bench_warmup": 1},
+        "models": [
+            {"name": "tight", "ref": f"{GATE_MODELS}:ln_net", "latency_budget_ms": {"ort-cpu": 1e-6}},
+            {"name": "loose", "ref": f"{GATE_MODELS}:ln_net", "latency_budget_ms": {"ort-cpu": 60_000}},
+        ],
+    }
+    tight, loose = run_gate(config_from_dict(data, base_dir=tmp_path), executor="local").cases
+    if bench_available:
+        assert tight.status == "failed" and tight.stage == "bench"
+        assert "exceeds the budget 1e-06 ms" in tight.reason
+        assert loose.status == "passed" and loose.latency["p50_ms"] > 0
+        assert loose.latency["budget_ms"] == 60_000
+    else:
+        for case in (tight, loose):
+            assert case.status == "passed" and case.latency is None
+            assert any("latency not judged" in n for n in case.notes)
