@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -32,25 +33,38 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
 
 
 def gate_table(report: GateReport) -> Table:
-    table = Table(title=f"normfold gate ({report.source})")
-    for col in ("model", "backend", "precision", "verdict", "max abs", "max rel", "p50 ms", "time s", "reason"):
-        table.add_column(col, justify="right" if col in ("max abs", "max rel", "p50 ms", "time s") else "left")
+    """One row per case; reasons go below the table (:func:`print_reasons`) so it fits an 80-column log."""
+    table = Table(title=f"normfold gate ({report.source})", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("model", overflow="ellipsis", no_wrap=True)
+    for col in ("backend", "verdict", "max abs", "max rel", "p50 ms"):
+        right = col in ("max abs", "max rel", "p50 ms")
+        table.add_column(col, justify="right" if right else "left", no_wrap=True, min_width=len(col))
     for case in report.cases:
         style = _STYLE.get(case.status, "white")
         p50 = case.latency.get("p50_ms") if case.latency else None
         table.add_row(
-            case.model,
-            case.backend,
-            case.precision,
+            escape(case.model),
+            f"{case.backend} {case.precision}",
             f"[{style}]{case.status}[/]",
             _fmt(case.max_abs),
             _fmt(case.max_rel),
             _fmt(p50, ".3f"),
-            f"{case.duration_s:.1f}",
-            escape(case.reason or "; ".join(case.notes)),
-            style=None,
         )
     return table
+
+
+def print_reasons(report: GateReport) -> None:
+    """Why each case did not pass; identical skip reasons are printed once with their cases."""
+    skips: dict[str, list[str]] = {}
+    for case in report.cases:
+        if case.status == "skipped":
+            skips.setdefault(case.reason, []).append(case.case_id)
+        elif case.status != "passed":
+            style = _STYLE.get(case.status, "white")
+            out.print(f"[{style}]{case.status}[/] {escape(case.case_id)}: {escape(case.reason)}")
+    for reason, ids in skips.items():
+        shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+        out.print(f"[yellow]skipped[/] {escape(shown)}: {escape(reason)}")
 
 
 class _ProgressSink:
@@ -129,6 +143,7 @@ def _run_and_render(
         return report
     if not quiet:
         out.print(gate_table(report))
+    print_reasons(report)
     for note in report.notes:
         out.print(f"note: {note}", markup=False, highlight=False)
     for kind, path in report.written.items():
