@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -99,8 +100,10 @@ def run_local(
 
 def worker_main(fd: int) -> None:
     """Worker loop over the socket ``fd``: receive a spec, send back its result; ``None`` ends the loop."""
+    import faulthandler
     import warnings
 
+    faulthandler.enable()  # a segfault in a native runtime prints the Python frames that called it
     import torch.onnx  # noqa: F401  (its import configures torch's loggers; quiet them after it)
 
     warnings.simplefilter("ignore")
@@ -136,11 +139,16 @@ class _Worker:
 
     def __init__(self, env: dict[str, str]) -> None:
         parent, child = socket.socketpair()
+        # The worker's own output (native runtimes print to fd 1/2) would garble the progress display;
+        # it goes to a file whose tail explains a crash.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115  (lives as long as the worker; closed by kill/reap)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "normfold.gate._worker", str(child.fileno())],
             pass_fds=(child.fileno(),),
             env=env,
             stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         child.close()
         self.conn = Connection(parent.detach())
@@ -152,12 +160,26 @@ class _Worker:
         self.conn.send(spec)
 
     def exit_description(self) -> str:
+        """How the worker ended, with the last lines it printed (a native crash often says why)."""
         try:
             code = self.process.wait(_KILL_GRACE_S)
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
-        return describe_exit(code)
+        text = describe_exit(code)
+        tail = self.output_tail()
+        return f"{text} (last output: {tail})" if tail else text
+
+    def output_tail(self, lines: int = 3, chars: int = 400) -> str:
+        self.log.seek(0, os.SEEK_END)
+        size = self.log.tell()
+        self.log.seek(max(0, size - 8192))
+        text = self.log.read().decode("utf-8", "replace")
+        kept = [line.strip() for line in text.splitlines() if line.strip()]
+        fatal = next((i for i, line in enumerate(kept) if line.startswith("Fatal Python error")), None)
+        # faulthandler prints the innermost frame first: keep the error line and the frames after it.
+        kept = kept[fatal : fatal + lines + 1] if fatal is not None else kept[-lines:]
+        return " | ".join(kept)[:chars]
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -165,6 +187,7 @@ class _Worker:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(_KILL_GRACE_S)
         self.conn.close()
+        self.log.close()
 
     def request_stop(self) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):
@@ -178,6 +201,7 @@ class _Worker:
             self.process.kill()
             self.process.wait()
         self.conn.close()
+        self.log.close()
 
 
 def run_processes(

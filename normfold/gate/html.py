@@ -102,6 +102,9 @@ def _case_section(case: CaseResult) -> str:
     where = describe_divergence(case.first_divergence)
     if where:
         parts.append(f"<p>{e(where)}</p>")
+    explanation = (case.first_divergence or {}).get("explanation")
+    if explanation:
+        parts.append(f"<p><i>{e(str(explanation))}</i></p>")
     if case.outputs:
         parts.append(
             "<table><tr><th>output</th><th>max abs</th><th>max rel</th><th>cosine</th><th>rel L2</th>"

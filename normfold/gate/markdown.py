@@ -64,6 +64,9 @@ def markdown_summary(report: GateReport) -> str:
             lines.append(f"- **{case.case_id}** ({case.stage or 'verdict'}): {_cell(case.reason)}")
             if where and where not in case.reason:
                 lines.append(f"  - {where}")
+            explanation = (case.first_divergence or {}).get("explanation")
+            if explanation:
+                lines.append(f"  - {_cell(str(explanation))}")
             if case.tolerance:
                 lines.append(f"  - tolerance: atol={case.tolerance.get('atol')}, rtol={case.tolerance.get('rtol')}")
     if report.notes:

@@ -82,6 +82,7 @@ def test_local_and_process_executors_give_the_same_verdicts(mixed_config) -> Non
         assert by_id[a.case_id].max_abs == a.max_abs  # same inputs, same files, same numbers
     segfault, hang = by_id["segfault[ort-cpu-fp32]"], by_id["hang[ort-cpu-fp32]"]
     assert segfault.status == "error" and "SIGSEGV" in segfault.reason
+    assert "gate_models.py" in segfault.reason and "in crash" in segfault.reason  # faulthandler's frames
     assert hang.status == "error" and "timed out after 2 s" in hang.reason
     assert list(by_id)[-2:] == ["segfault[ort-cpu-fp32]", "hang[ort-cpu-fp32]"]  # results keep config order
     assert not process.passed

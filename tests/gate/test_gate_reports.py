@@ -49,6 +49,7 @@ def report() -> GateReport:
         "op_type": "LayerNormalization",
         "max_abs": 3e-2,
         "max_rel": 0.3,
+        "explanation": "block.norm is the first layer out of tolerance; its inputs match eager",
     }
     bad.reason = "first divergent layer: block.norm (LayerNormalization); " + bad.reason
     bad.layers = {
@@ -105,6 +106,7 @@ def test_markdown_summary_lists_every_case_and_the_failures(report: GateReport, 
     assert len(table_rows) == 1 + 4
     assert "⏭️ skipped" in text and "not counted as passed" in text
     assert "- **bad[ort-cpu-fp32]** (compare): first divergent layer: block.norm" in text
+    assert "  - block.norm is the first layer out of tolerance; its inputs match eager" in text
     assert write_markdown(report, tmp_path / "s.md").read_text() == text
 
 
@@ -115,6 +117,7 @@ def test_html_is_self_contained_with_the_per_layer_plot(report: GateReport, tmp_
     assert len(images) == 1  # only the case with a per-layer diff gets a plot
     assert base64.b64decode(images[0]).startswith(b"\x89PNG")
     assert "&lt;&amp;&gt;" in text  # reasons are escaped
+    assert "<i>block.norm is the first layer out of tolerance; its inputs match eager</i>" in text
     assert "http" not in text.replace("http-equiv", "")  # nothing fetched from elsewhere
     assert write_html(report, tmp_path / "r.html").read_text() == text
 
