@@ -278,7 +278,10 @@ def _compare(spec: CaseSpec, loaded: Any, onnx_path: Path, result: CaseResult) -
     result.input_source = report.input_source
     backend = report.backends[spec.backend]
     if backend.status == "skipped":
-        result.status, result.stage, result.reason = "skipped", "compare", backend.reason
+        if spec.required:
+            result.fail(f"required backend unavailable: {backend.reason}", "compare")
+        else:
+            result.status, result.stage, result.reason = "skipped", "compare", backend.reason
         return
     if backend.status == "error":
         result.fail(f"{spec.backend} failed to run the model: {backend.reason}", "compare", "error")
