@@ -27,8 +27,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     target = Path(path)
     if target.exists() and target.is_dir():
         raise UsageError(f"output path {target} is a directory; expected a file path")
-    if not target.parent.exists():
-        raise UsageError(f"output directory {target.parent} does not exist")
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from normfold.cli import commands as _commands  # noqa: F401  (registers commands)
 from normfold.cli import gate as _gate  # noqa: F401  (registers gate and demo)
+from normfold.cli import triton as _triton  # noqa: F401  (registers `normfold triton`)
 from normfold.cli._app import app
 
 

@@ -1,1 +1,3 @@
 """normfold.fusers."""
+
+from normfold.fusers import groupnorm, layernorm  # noqa: F401  (register the passes)

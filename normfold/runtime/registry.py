@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from normfold.errors import UnknownBackendError
 from normfold.runtime.base import Backend, BackendStatus
 from normfold.runtime.eager import TorchBackend
-from normfold.runtime.onnxruntime import OrtCpuBackend, OrtCudaBackend, OrtTensorrtBackend
+from normfold.runtime.onnxruntime import OrtCpuBackend
+from normfold.runtime.onnxruntime_gpu import OrtCudaBackend, OrtTensorrtBackend
 from normfold.runtime.tensorrt import TensorrtBackend
 
 BACKENDS: dict[str, Backend] = {}
