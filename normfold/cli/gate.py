@@ -155,7 +155,9 @@ def _run_and_render(
 
 @command("gate")
 def gate_cmd(
-    config: Path = typer.Argument(None, help="normfold.toml, or a pyproject.toml with a tool.normfold table, or a directory holding one (default: .)"),
+    config: Path = typer.Argument(
+        None, help="normfold.toml, a pyproject.toml with a tool.normfold table, or their directory (default: .)"
+    ),
     junit: Path = typer.Option(None, "--junit", help="Write JUnit XML here (one testcase per case)."),
     summary: Path = typer.Option(None, "--summary", help="Write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)."),
     html: Path = typer.Option(None, "--html", help="Write a self-contained HTML report with per-layer plots."),
