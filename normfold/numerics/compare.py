@@ -178,7 +178,10 @@ def compare(
                     f"the ONNX model takes {len(runner.inputs)} inputs {runner.input_names}, "
                     f"the eager model {len(tensors)}"
                 )
-            feeds = {meta.name: t.detach().cpu().numpy() for meta, t in zip(runner.inputs, tensors, strict=True)}
+            feeds = {
+                meta.name: _as_input(t.detach().cpu().numpy(), meta.dtype)
+                for meta, t in zip(runner.inputs, tensors, strict=True)
+            }
             report.inputs = {k: list(v.shape) for k, v in feeds.items()}
             try:
                 produced = runner.infer(feeds)
@@ -187,6 +190,8 @@ def compare(
             except Exception as e:  # a runtime failure is that backend's result, not a crash
                 report.backends[name] = BackendComparison(name, "error", f"{type(e).__name__}: {e}")
                 continue
+            if precision != "fp32":  # a low-precision model's outputs are judged in the reference dtype
+                produced = {k: _as_input(v, np.dtype(np.float32)) for k, v in produced.items()}
             comparison = _compare_outputs(name, runner.output_names, produced, reference, tol)
             if per_layer:
                 from normfold.numerics.layers import compare_layers
@@ -194,6 +199,13 @@ def compare(
                 comparison.layers = compare_layers(module, tensors, onnx_path, backend, opts, tol)
             report.backends[name] = comparison
     return report
+
+
+def _as_input(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast between float types only (an fp16 model takes fp16 feeds); never touch integer inputs."""
+    if arr.dtype != dtype and np.issubdtype(arr.dtype, np.floating) and np.issubdtype(dtype, np.floating):
+        return arr.astype(dtype)
+    return arr
 
 
 def _compare_outputs(

@@ -139,10 +139,13 @@ class OrtBackend(Backend):
 
 
 class OrtCpuBackend(OrtBackend):
+    """ORT's CPU provider runs the file as it is: fp16/bf16 select the tolerances for a model that was
+    already converted (``normfold convert``); nothing is converted on the fly."""
+
     name = "ort-cpu"
     description = "ONNX Runtime, CPU execution provider"
     provider = "CPUExecutionProvider"
-    precisions = ("fp32",)
+    precisions = ("fp32", "fp16", "bf16")
 
 
 class OrtCudaBackend(OrtBackend):

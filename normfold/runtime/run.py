@@ -31,14 +31,22 @@ class RunReport:
 
 
 def random_feeds(
-    metas: Sequence[TensorMeta], overrides: dict[str, tuple[int, ...]] | None = None, seed: int = 0
+    metas: Sequence[TensorMeta],
+    overrides: dict[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+    dynamic_dim: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Seeded standard-normal floats (small non-negative ints for integer inputs) of each input's shape."""
+    """Seeded standard-normal floats (small non-negative ints for integer inputs) of each input's shape.
+
+    A dynamic dimension needs an override, unless ``dynamic_dim`` gives the size to use for all of them.
+    """
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     overrides = overrides or {}
     for meta in metas:
         shape = overrides.get(meta.name)
+        if shape is None and dynamic_dim is not None:
+            shape = tuple(d if isinstance(d, int) and d > 0 else dynamic_dim for d in meta.shape)
         if shape is None:
             if not all(isinstance(d, int) for d in meta.shape):
                 raise InputSpecError(

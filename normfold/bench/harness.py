@@ -1,0 +1,480 @@
+"""``benchmark()``: latency of an ONNX model on each backend and batch size.
+
+For every (backend, batch size) the harness
+
+1. builds inputs for that batch size (seeded random, dimension 0 set to the batch size; a static
+   batch dimension that differs raises :class:`InputSpecError`),
+2. times ``load + validate + first inference`` as ``first_run_ms`` (session creation, engine build or
+   ``torch.compile`` happen here and are never counted as steady-state latency),
+3. warms up and measures the steady state with :func:`normfold.bench.measure.measure`.
+
+A fresh session is created per batch size, so every row's first run is comparable and GPU backends can
+specialize (TensorRT profiles, CUDA graphs) for that shape.
+
+**What is timed.** For ONNX backends the timed call works on feeds validated once beforehand: for
+``ort-cpu`` it is ``session.run(output_names, feeds)`` (see :func:`timed_call`), which is what
+``benchmarks/bench_overhead.py`` compares against a bare ``session.run`` loop; for runners that override
+``infer_impl`` it is ``infer_impl``. Device backends bind
+inputs and outputs through IO binding inside their runner; whether host↔device copies are inside the
+timed call is the runner's ``copies_included``, copied into each result.
+
+**Threads.** ``threads`` sets ORT's ``intra_op_num_threads`` and, for the ``torch`` baseline,
+``torch.set_num_threads`` to the same value so the comparison is like for like. ``threads=None`` uses
+``torch.get_num_threads()`` (PyTorch's default: one per physical core, which is also ORT's default),
+again for both. ``inter_op_threads`` only matters to ORT's parallel executor and is passed through
+unchanged. torch's thread count is restored after the run. Both settings and the thread environment
+variables are recorded in the report's ``environment.threads``.
+
+**Torch baseline.** The ``torch`` backend runs ``model`` (a :class:`LoadedModel` or an ``nn.Module``)
+on the same inputs, inside ``torch.inference_mode()`` for the whole loop. ``torch_compile=True`` wraps
+it in ``torch.compile`` first (a string names the compile backend, default inductor); compilation happens
+lazily on the first call, so it lands in ``first_run_ms``. Inputs are not deep-copied
+between calls (that copy would be timed); a module that mutates its inputs sees its own changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from normfold.bench.environment import collect_environment
+from normfold.bench.measure import Measurement, Schedule, measure, timed
+from normfold.bench.report import BenchReport, BenchResult
+from normfold.bench.stats import summarize
+from normfold.errors import InputSpecError, UsageError
+from normfold.io import load_onnx
+from normfold.runtime.base import Runner, SessionOptions, TensorMeta
+from normfold.runtime.onnxruntime import GRAPH_OPT_LEVELS, OrtRunner
+from normfold.runtime.registry import get_backend, parse_backends
+from normfold.runtime.run import random_feeds
+
+log = logging.getLogger(__name__)
+
+#: Backends whose runners honour ``SessionOptions.cuda_graph`` (CUDA graph capture and replay).
+CUDA_GRAPH_BACKENDS: tuple[str, ...] = ("ort-cuda", "ort-trt")
+
+Shape = tuple[int, ...]
+Progress = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def onnx_input_metas(onnx_path: str | Path) -> list[TensorMeta]:
+    """The graph inputs of an ONNX file (initializers excluded), loaded and checked by :func:`load_onnx`."""
+    from onnx import helper
+
+    model = load_onnx(onnx_path, load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+    metas: list[TensorMeta] = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        tt = vi.type.tensor_type
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            else:
+                dims.append(d.dim_param or None)
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputSpecError(
+                f"input {vi.name} has ONNX element type {tt.elem_type}, which numpy cannot hold"
+            ) from e
+        metas.append(TensorMeta(vi.name, tuple(dims), dtype))
+    return metas
+
+
+def _describe_shape(shape: Sequence[int | str | None]) -> str:
+    return "x".join(str(d) if isinstance(d, int) else "?" for d in shape)
+
+
+def check_overrides(metas: Sequence[TensorMeta], overrides: Mapping[str, Shape]) -> None:
+    """``--input`` shapes must name model inputs and fit their rank and static dims (dim 0 excepted)."""
+    by_name = {m.name: m for m in metas}
+    unknown = sorted(set(overrides) - set(by_name))
+    if unknown:
+        known = [m.describe() for m in metas]
+        raise InputSpecError(f"--input names {unknown} are not model inputs; the model has {known}")
+    for name, shape in overrides.items():
+        meta = by_name[name]
+        ok = len(shape) == len(meta.shape) and all(
+            not isinstance(d, int) or d == s for i, (d, s) in enumerate(zip(meta.shape, shape, strict=True)) if i > 0
+        )
+        if not ok:
+            raise InputSpecError(
+                f"input tensor: {name} | received incompatible shape: {_describe_shape(shape)}; "
+                f"expected a shape compatible with: {meta.describe()} (dimension 0 is set by --batch)"
+            )
+
+
+def default_batch_size(metas: Sequence[TensorMeta], overrides: Mapping[str, Shape]) -> int:
+    """The model's own batch size: the first static dimension 0, else the ``--input`` one, else 1."""
+    for meta in metas:
+        if meta.shape and isinstance(meta.shape[0], int):
+            return int(meta.shape[0])
+    for meta in metas:
+        shape = overrides.get(meta.name)
+        if shape:
+            return int(shape[0])
+    return 1
+
+
+def batch_shapes(metas: Sequence[TensorMeta], batch_size: int, overrides: Mapping[str, Shape]) -> dict[str, Shape]:
+    """Concrete input shapes at ``batch_size``: dimension 0 of every input of rank ≥ 1 becomes the batch.
+
+    A static dimension 0 that differs from ``batch_size`` raises :class:`InputSpecError`: the model was
+    exported for one batch size (re-export with ``--dynamic-batch``). Other dynamic dimensions come from
+    ``overrides`` (``--input``) or raise.
+    """
+    shapes: dict[str, Shape] = {}
+    for meta in metas:
+        if not meta.shape:
+            shapes[meta.name] = ()
+            continue
+        dim0 = meta.shape[0]
+        if isinstance(dim0, int) and dim0 != batch_size:
+            raise InputSpecError(
+                f"input {meta.describe()} has a static batch dimension of {dim0}, so it cannot run at batch size "
+                f"{batch_size}; re-export with --dynamic-batch or bench with --batch {dim0}"
+            )
+        given = overrides.get(meta.name)
+        rest: list[int] = []
+        for i, d in enumerate(meta.shape[1:], start=1):
+            if given is not None:
+                rest.append(int(given[i]))
+            elif isinstance(d, int):
+                rest.append(d)
+            else:
+                example = "x".join(["1"] + [str(x) if isinstance(x, int) else "8" for x in meta.shape[1:]])
+                raise InputSpecError(
+                    f"input {meta.describe()} has dynamic dimension {i} ({d or '?'}); give its shape with "
+                    f"--input {meta.name}:{example}"
+                )
+        shapes[meta.name] = (batch_size, *rest)
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------------------
+# Options
+
+
+def resolve_threads(threads: int | None) -> int:
+    """The intra-op thread count used for ORT *and* torch (see the module docstring)."""
+    if threads is None:
+        import torch
+
+        return int(torch.get_num_threads())
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    return int(threads)
+
+
+def session_options_for(
+    backend: str,
+    *,
+    batch_size: int,
+    threads: int,
+    inter_op_threads: int | None = None,
+    graph_optimization_level: str = "all",
+    cuda_graph: bool = False,
+    precision: str = "fp32",
+) -> SessionOptions:
+    """The :class:`SessionOptions` one (backend, batch size) is loaded with.
+
+    CUDA graphs are only requested from :data:`CUDA_GRAPH_BACKENDS`; they need IO binding (fixed device
+    addresses to replay into) and one static shape per session, which a fresh session per batch size
+    provides.
+    """
+    use_graph = cuda_graph and backend in CUDA_GRAPH_BACKENDS
+    return SessionOptions(
+        precision=precision,
+        graph_optimization_level=graph_optimization_level,
+        intra_op_threads=threads,
+        inter_op_threads=inter_op_threads,
+        io_binding=True,
+        cuda_graph=use_graph,
+        batch_sizes=(batch_size,),
+    )
+
+
+def validate_request(
+    backends: Sequence[str],
+    *,
+    has_model: bool,
+    torch_compile: bool | str,
+    cuda_graph: bool,
+    graph_optimization_level: str,
+) -> None:
+    """Reject combinations that cannot mean anything, before any session is built."""
+    if graph_optimization_level not in GRAPH_OPT_LEVELS:
+        levels = ", ".join(GRAPH_OPT_LEVELS)
+        raise UsageError(f"unknown graph optimization level {graph_optimization_level!r}; expected one of {levels}")
+    if "torch" in backends and not has_model:
+        raise UsageError("the torch backend runs the PyTorch model itself; pass it with --model (model=...)")
+    if torch_compile and "torch" not in backends:
+        raise UsageError(f"--torch-compile applies to the torch backend, which is not among {', '.join(backends)}")
+    if cuda_graph and not any(b in CUDA_GRAPH_BACKENDS for b in backends):
+        raise UsageError(
+            f"--cuda-graph applies to {' and '.join(CUDA_GRAPH_BACKENDS)}, none of which is among {', '.join(backends)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Backends
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Set torch's intra-op thread count for the duration, then restore it (it is process-global)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _as_module(model: Any) -> tuple[Any, list[str] | None, list[Shape] | None]:
+    """``LoadedModel`` or ``nn.Module`` → (module in eval mode, input names, example shapes)."""
+    from torch import nn
+
+    from normfold.models.loader import LoadedModel
+
+    if isinstance(model, LoadedModel):
+        return model.module.eval(), list(model.input_names), [tuple(t.shape) for t in model.example_inputs]
+    if isinstance(model, nn.Module):
+        return model.eval(), None, None
+    raise UsageError(f"model must be a LoadedModel or torch.nn.Module, got {type(model).__name__}")
+
+
+def check_model_inputs(names: list[str] | None, shapes: list[Shape] | None, metas: Sequence[TensorMeta]) -> None:
+    """The eager model's example inputs must fit the ONNX inputs (count, rank, static dims but dim 0)."""
+    if shapes is None:
+        return
+    if len(shapes) != len(metas):
+        raise InputSpecError(
+            f"the --model takes {len(shapes)} input(s) but the ONNX model has {len(metas)} "
+            f"({', '.join(m.describe() for m in metas)}); is --model the model this file was exported from?"
+        )
+    for i, (shape, meta) in enumerate(zip(shapes, metas, strict=True)):
+        ok = len(shape) == len(meta.shape) and all(
+            not isinstance(d, int) or d == s for j, (d, s) in enumerate(zip(meta.shape, shape, strict=True)) if j > 0
+        )
+        if not ok:
+            label = names[i] if names else f"#{i}"
+            raise InputSpecError(
+                f"--model input {label} has shape {_describe_shape(shape)} but the ONNX input is {meta.describe()}; "
+                "is --model the model this file was exported from?"
+            )
+
+
+def _bench_torch(
+    model: Any,
+    metas: Sequence[TensorMeta],
+    feeds: dict[str, np.ndarray],
+    schedule: Schedule,
+    threads: int,
+    torch_compile: bool | str,
+) -> tuple[float, float, Measurement]:
+    """Time the eager (or compiled) module: returns (load ms, first-infer ms, Measurement)."""
+    import torch
+
+    module, names, _ = _as_module(model)
+    order = names if names and set(names) == {m.name for m in metas} else [m.name for m in metas]
+    args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in order)
+    with torch_threads(threads), torch.inference_mode():
+        fn = module
+        load_ns = 0
+        if torch_compile:
+            kwargs = {"backend": torch_compile} if isinstance(torch_compile, str) else {}
+            fn, load_ns = timed(lambda: torch.compile(module, **kwargs))
+
+        def call() -> Any:
+            return fn(*args)
+
+        try:
+            _, first_ns = timed(call)
+        except Exception as e:  # a module that rejects the ONNX model's inputs: say which inputs it got
+            shapes = ", ".join(f"{n}:{_describe_shape(a.shape)}" for n, a in zip(order, args, strict=True))
+            raise InputSpecError(
+                f"the torch model failed on the ONNX model's inputs ({shapes}): {type(e).__name__}: {e}"
+            ) from e
+        measurement = measure(call, schedule)
+    return load_ns / 1e6, first_ns / 1e6, measurement
+
+
+def timed_call(runner: Runner, feeds: dict[str, np.ndarray]) -> Callable[[], Any]:
+    """The zero-argument call the loop times for ``runner`` on already validated ``feeds``.
+
+    For the plain ORT runner this is ``session.run(output_names, feeds)`` bound with
+    :func:`functools.partial`: exactly what ``OrtRunner.infer_impl`` does, minus rebuilding the output
+    name list and the result dict on every call (about 1 µs of Python, ~1% of a 0.15 ms model on this
+    machine), so the harness times what a bare ``session.run`` loop times. Runners that override
+    ``infer_impl``, and every device backend (IO binding, CUDA graphs), are timed through ``infer_impl``.
+    """
+    plain_cpu = runner.backend == "ort-cpu" and not runner.copies_included
+    if plain_cpu and isinstance(runner, OrtRunner) and type(runner).infer_impl is OrtRunner.infer_impl:
+        return functools.partial(runner.session.run, list(runner.output_names), feeds)
+    return functools.partial(runner.infer_impl, feeds)
+
+
+def _bench_onnx(
+    backend: str, onnx_path: Path, feeds: dict[str, np.ndarray], options: SessionOptions, schedule: Schedule
+) -> tuple[float, float, Measurement, bool]:
+    """Time one ONNX backend: returns (load ms, first-infer ms, Measurement, copies_included)."""
+    be = get_backend(backend)
+    runner, load_ns = timed(lambda: be.load(onnx_path, options))
+    with runner:
+        checked = runner.validate(feeds)  # once, outside the timed loop
+        call = timed_call(runner, checked)
+        _, first_ns = timed(call)
+        measurement = measure(call, schedule)
+        copies = bool(runner.copies_included)
+    return load_ns / 1e6, first_ns / 1e6, measurement, copies
+
+
+# --------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def benchmark(
+    onnx_path: str | Path,
+    *,
+    backends: Sequence[str] | str = ("ort-cpu",),
+    batch_sizes: Sequence[int] | None = None,
+    warmup: int = 10,
+    warmup_s: float | None = None,
+    iters: int = 200,
+    duration_s: float | None = None,
+    threads: int | None = None,
+    inter_op_threads: int | None = None,
+    model: Any = None,
+    graph_optimization_level: str = "all",
+    torch_compile: bool | str = False,
+    cuda_graph: bool = False,
+    inputs: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    baseline: str | Path | Mapping[str, Any] | None = None,
+    max_regression: float | str = 0.10,
+    progress: Progress | None = None,
+) -> BenchReport:
+    """Benchmark ``onnx_path`` on each backend at each batch size; see the module docstring.
+
+    ``batch_sizes=None`` means the model's own batch size (its static dimension 0, else 1).
+    ``warmup_s`` overrides ``warmup`` and ``duration_s`` overrides ``iters`` when given. ``inputs`` maps
+    input names to shapes for dynamic dimensions other than the batch. With ``baseline`` (a path to an
+    earlier ``--json`` or its dict) the report carries a noise-aware regression check
+    (:func:`normfold.bench.regression.check_regression`).
+
+    Raises :class:`UnknownBackendError` for an unknown name, :class:`BackendUnavailableError` when a
+    requested backend cannot run here (checked for all before anything runs), :class:`OnnxLoadError` for
+    a missing or invalid ONNX file and :class:`InputSpecError` for shapes that do not fit the model.
+    """
+    names = parse_backends(backends)
+    validate_request(
+        names,
+        has_model=model is not None,
+        torch_compile=torch_compile,
+        cuda_graph=cuda_graph,
+        graph_optimization_level=graph_optimization_level,
+    )
+    schedule = Schedule(warmup=warmup, warmup_s=warmup_s, iters=iters, duration_s=duration_s)
+    path = Path(onnx_path)
+    metas = onnx_input_metas(path)
+    overrides = {k: tuple(int(d) for d in v) for k, v in (inputs or {}).items()}
+    check_overrides(metas, overrides)
+    sizes = list(dict.fromkeys(batch_sizes)) if batch_sizes else [default_batch_size(metas, overrides)]
+    bad = [b for b in sizes if not isinstance(b, int) or b < 1]
+    if bad:
+        raise UsageError(f"batch sizes must be positive integers, got {bad}")
+    shapes_by_batch = {b: batch_shapes(metas, b, overrides) for b in sizes}  # static-batch errors up front
+    baseline_data: Mapping[str, Any] | None = None
+    limit = 0.0
+    if baseline is not None:
+        from normfold.bench.regression import load_baseline, parse_fraction
+
+        limit = parse_fraction(max_regression)
+        baseline_data = baseline if isinstance(baseline, Mapping) else load_baseline(baseline)
+    for name in names:
+        get_backend(name).ensure_available("fp32")
+    model_names: list[str] | None = None
+    if model is not None:
+        _, model_names, model_shapes = _as_module(model)
+        check_model_inputs(model_names, model_shapes, metas)
+
+    n_threads = resolve_threads(threads)
+    thread_info = {
+        "intra_op_threads": n_threads,
+        "inter_op_threads": inter_op_threads,
+        "torch_threads": n_threads if "torch" in names else None,
+        "policy": "ORT intra_op_num_threads and torch.set_num_threads use the same count",
+    }
+    report = BenchReport(
+        onnx_path=str(path),
+        model=getattr(model, "ref", type(model).__name__) if model is not None else None,
+        schedule=schedule.to_dict(),
+        environment=collect_environment(thread_info),
+    )
+    for name in names:
+        for b in sizes:
+            feeds = random_feeds(metas, shapes_by_batch[b], seed)
+            if progress is not None:
+                progress(f"{name} batch {b}: {schedule.describe()}")
+            log.info("bench %s at batch %d (%s)", name, b, schedule.describe())
+            options: dict[str, Any]
+            if name == "torch":
+                load_ms, first_ms, m = _bench_torch(model, metas, feeds, schedule, n_threads, torch_compile)
+                copies = False
+                options = {"torch_threads": n_threads, "torch_compile": torch_compile, "inference_mode": True}
+            else:
+                so = session_options_for(
+                    name,
+                    batch_size=b,
+                    threads=n_threads,
+                    inter_op_threads=inter_op_threads,
+                    graph_optimization_level=graph_optimization_level,
+                    cuda_graph=cuda_graph,
+                )
+                load_ms, first_ms, m, copies = _bench_onnx(name, path, feeds, so, schedule)
+                options = {
+                    "graph_optimization_level": so.graph_optimization_level,
+                    "intra_op_threads": so.intra_op_threads,
+                    "inter_op_threads": so.inter_op_threads,
+                    "cuda_graph": so.cuda_graph,
+                }
+                if name != "ort-cpu":  # device backends bind inputs/outputs inside their runner
+                    options["io_binding_requested"] = so.io_binding
+            report.results.append(
+                BenchResult(
+                    backend=name,
+                    batch_size=b,
+                    first_run_ms=load_ms + first_ms,
+                    load_ms=load_ms,
+                    first_infer_ms=first_ms,
+                    stats=summarize(m.samples_ns, b),
+                    copies_included=copies,
+                    options=options,
+                    warmup_iterations=m.warmup_iterations,
+                    warmup_ms=m.warmup_ns / 1e6,
+                    samples_ms=[s / 1e6 for s in m.samples_ns],
+                )
+            )
+    if baseline_data is not None:
+        from normfold.bench.regression import check_regression
+
+        report.regression = check_regression(report, baseline_data, limit)
+        if not isinstance(baseline, Mapping):
+            report.regression.baseline = str(baseline)
+    return report
