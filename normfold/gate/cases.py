@@ -106,6 +106,17 @@ class CaseResult:
         values = [o["cosine"] for o in self.outputs.values() if "cosine" in o]
         return min(values) if values else None
 
+    def optimize_summary(self) -> str:
+        """``optimized: 9 rewrites, 31 → 22 nodes`` (empty when the case was not optimized)."""
+        opt = self.optimize or {}
+        if not opt.get("available"):
+            return ""
+        before, after = opt.get("ops_before"), opt.get("ops_after")
+        nodes = ""
+        if isinstance(before, dict) and isinstance(after, dict):
+            nodes = f", {sum(before.values())} → {sum(after.values())} nodes"
+        return f"optimized: {opt.get('applied', '?')} rewrites{nodes}"
+
     def fail(self, reason: str, stage: str, status: CaseStatus = "failed") -> None:
         """Mark the case failing; reasons accumulate (a drift on top of a latency regression, say)."""
         if self.failing and self.reason:

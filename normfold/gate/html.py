@@ -135,8 +135,9 @@ def _case_section(case: CaseResult) -> str:
                 f"<td class=num>{_num(r.get('max_rel'))}</td><td>{verdict}</td></tr>"
             )
         parts.append("</table></details>")
-    for note in case.notes:
-        parts.append(f"<p><i>note:</i> {e(note)}</p>")
+    for note in [case.optimize_summary(), *case.notes]:
+        if note:
+            parts.append(f"<p><i>note:</i> {e(note)}</p>")
     parts.append("</section>")
     return "\n".join(parts)
 

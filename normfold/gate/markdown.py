@@ -23,7 +23,8 @@ def _cell(text: str) -> str:
 
 def _row(case: CaseResult) -> str:
     p50 = case.latency.get("p50_ms") if case.latency else None
-    reason = case.reason if case.status != "passed" else "; ".join(case.notes)
+    opt = case.optimize_summary()
+    reason = case.reason if case.status != "passed" else "; ".join([opt] * bool(opt) + case.notes)
     cells = [
         case.model,
         case.backend,

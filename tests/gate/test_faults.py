@@ -142,3 +142,15 @@ def test_fault_report_verdict_and_json(fault_report) -> None:
     data = json.loads(Path(fault_report.written["json"]).read_text())
     assert data["passed"] is False
     assert {c["model"]: c["status"] for c in data["cases"]}["wrong_eps"] == "failed"
+
+
+def test_clean_export_was_optimized_before_the_compare(fault_report) -> None:
+    import importlib
+
+    case = next(c for c in fault_report.cases if c.model == "clean_conv1d_bn")
+    if hasattr(importlib.import_module("normfold.fusers"), "optimize"):
+        assert case.optimize["available"] and case.optimize["applied"] > 0  # its BatchNorms were folded
+        assert case.optimize["ops_after"].get("BatchNormalization", 0) == 0
+        assert case.optimize_summary().startswith("optimized: ")
+    else:
+        assert any("optimize unavailable" in n for n in case.notes)

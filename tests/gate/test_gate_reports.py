@@ -39,6 +39,12 @@ def report() -> GateReport:
     ok.outputs = {"y": _metrics(2e-7, True)}
     ok.tolerance = {"atol": 1e-5, "rtol": 1e-4, "min_cosine": None}
     ok.latency = {"p50_ms": 0.42, "p90_ms": 0.5}
+    ok.optimize = {
+        "available": True,
+        "applied": 3,
+        "ops_before": {"Conv": 2, "BatchNormalization": 2},
+        "ops_after": {"Conv": 2},
+    }
     bad = CaseResult("bad[ort-cpu-fp32]", "bad", "ort-cpu", "fp32", "passed", duration_s=2.0)
     bad.outputs = {"y": _metrics(3e-2, False)}
     bad.tolerance = {"atol": 1e-5, "rtol": 1e-4, "min_cosine": None}
@@ -105,6 +111,7 @@ def test_markdown_summary_lists_every_case_and_the_failures(report: GateReport, 
     table_rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table_rows) == 1 + 4
     assert "⏭️ skipped" in text and "not counted as passed" in text
+    assert "| optimized: 3 rewrites, 4 → 2 nodes |" in text
     assert "- **bad[ort-cpu-fp32]** (compare): first divergent layer: block.norm" in text
     assert "  - block.norm is the first layer out of tolerance; its inputs match eager" in text
     assert write_markdown(report, tmp_path / "s.md").read_text() == text
