@@ -7,11 +7,13 @@ into place with :func:`os.replace`, so an interrupted run never leaves a half-wr
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import onnx
 
@@ -92,3 +94,23 @@ def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
         onnx.save_model(model, str(tmp), save_as_external_data=True, location=data_name)
         os.replace(tmp.parent / data_name, target.parent / data_name)
     return target
+
+
+def jsonable(obj: Any) -> Any:
+    """Replace non-finite floats by ``"inf"``/``"-inf"``/``"nan"`` so the JSON is strict (no ``Infinity``)."""
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def json_text(obj: Any) -> str:
+    """Strict, indented JSON of a report's ``to_dict()``; every JSON normfold writes goes through here."""
+    return json.dumps(jsonable(obj), indent=2, allow_nan=False, default=str) + "\n"

@@ -127,7 +127,7 @@ def csv(value: str | None) -> list[str]:
 
 
 def emit_json(payload: Any) -> None:
-    import json
+    from normfold.io import json_text
 
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.write(json_text(payload))
     sys.stdout.flush()

@@ -8,7 +8,10 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from normfold.numerics.compare import CompareReport
+    from normfold.numerics.layers import LayerReport
     from normfold.runtime.base import BackendStatus
 
 
@@ -69,3 +72,61 @@ def compare_table(report: CompareReport) -> Table:
                 verdict(m.passed, None if m.passed else f"FAIL {m.reason}"),
             )
     return table
+
+
+def layers_table(layers: LayerReport, title: str = "") -> Table:
+    """Every layer of one backend in execution order; the first divergence is marked with ➜."""
+    c = layers.counts
+    table = Table(
+        title=title
+        or (
+            f"per-layer on {layers.backend}: {c['matched']} matched ({c['passed']} pass, {c['failed']} fail), "
+            f"{c['fused']} fused, {c['unmatched']} not matched"
+        )
+    )
+    for col in ("#", "module", "type", "op", "shape", "max abs", "max rel", "atol_eff", "status"):
+        table.add_column(col, justify="right" if col in ("#", "max abs", "max rel", "atol_eff") else "left")
+    first = layers.first_divergence
+    first_name = first.name if first is not None else None
+    for i, layer in enumerate(layers.layers):
+        if layer.status == "pass":
+            status = verdict(True)
+        elif layer.status == "fail":
+            status = verdict(False)
+        elif layer.status == "fused":
+            status = f"[magenta]{escape(layer.status_text)}[/]"
+        else:
+            status = verdict(None, layer.status_text)
+        name = escape(layer.name)
+        if layer.name == first_name:
+            name = f"[bold red]➜ {name}[/]"
+        table.add_row(
+            str(i),
+            name,
+            escape(layer.module_type),
+            escape(layer.op_type or "-"),
+            "x".join(map(str, layer.shape)) or "-",
+            "-" if layer.max_abs is None else fmt(layer.max_abs),
+            "-" if layer.max_rel is None else fmt(layer.max_rel),
+            "-" if layer.tolerance is None else fmt(layer.tolerance.atol),
+            status,
+        )
+    return table
+
+
+def layers_summary(report: CompareReport, console: Console | None = None) -> None:
+    """Print each backend's per-layer table and its first divergence, highlighted, on ``console``."""
+    if console is None:
+        from normfold.cli._app import out as console
+    for name, b in report.backends.items():
+        layers = b.layers
+        if layers is None:
+            continue
+        console.print(layers_table(layers))
+        console.print(f"layer tolerance: {escape(layers.tolerance_rule)} (base {escape(layers.tolerance.describe())})")
+        first = layers.first_divergence
+        if first is None:
+            console.print(f"[green]first divergence on {escape(name)}: none[/] (every compared layer matches eager)")
+        else:
+            console.print(f"[bold red]first divergence on {escape(name)}: {escape(first.name)}[/]")
+            console.print(f"  {escape(first.explanation)}")

@@ -6,7 +6,6 @@ backend, non-ONNX file, shapes that do not fit), 3 an explicitly requested backe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -141,9 +140,9 @@ def _write_json(report: BenchReport, target: str) -> None:
     if target == "-":
         emit_json(payload)
         return
-    from normfold.io import write_text
+    from normfold.io import json_text, write_text
 
-    write_text(target, json.dumps(payload, indent=2, default=str) + "\n")
+    write_text(target, json_text(payload))
 
 
 @command("bench")

@@ -92,7 +92,7 @@ def optimize_cmd(
         rtol=rtol,
     )
     if report_path:
-        write_text(report_path, report.to_json() + "\n")
+        write_text(report_path, report.to_json())
     if as_json:
         emit_json(report.to_dict())
         return

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
 from normfold.fusers.base import RuleEvent
+from normfold.io import json_text
 from normfold.numerics.metrics import TensorMetrics
 
 
@@ -117,8 +117,8 @@ class OptimizeReport:
             "verification": self.verification.to_dict() if self.verification else None,
         }
 
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+    def to_json(self) -> str:
+        return json_text(self.to_dict())
 
 
 def op_histogram(model: ir.Model) -> dict[str, int]:

@@ -150,7 +150,14 @@ def compare(
     names = parse_backends(backends)
     module, example, input_names = _module_and_inputs(model)
     tensors, source = resolve_inputs(inputs, example, input_names)
-    reference = run_eager(module, tensors)
+    trace = None
+    if per_layer:  # one hooked eager run serves as the output reference and for every backend's layers
+        from normfold.numerics.layers import trace_eager
+
+        trace = trace_eager(module, tensors)
+        reference = trace.outputs
+    else:
+        reference = run_eager(module, tensors)
     report = CompareReport(
         model=model_name or getattr(model, "ref", type(module).__name__),
         onnx_path=str(onnx_path),
@@ -196,7 +203,7 @@ def compare(
             if per_layer:
                 from normfold.numerics.layers import compare_layers
 
-                comparison.layers = compare_layers(module, tensors, onnx_path, backend, opts, tol)
+                comparison.layers = compare_layers(module, tensors, onnx_path, backend, opts, tol, trace)
             report.backends[name] = comparison
     return report
 

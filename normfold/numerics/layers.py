@@ -1,0 +1,1104 @@
+"""Per-layer numerics: every ``nn.Module`` output against the ONNX value that carries it.
+
+Eager side
+    A forward hook on every module records each call's output (tuple/list/dict outputs flattened in
+    torch.onnx order) in the order the calls *finish*, under ``torch.inference_mode`` on deep copies of
+    the inputs. Tensors are cloned in the hook, so an in-place op later in the model (``ReLU(inplace)``)
+    cannot rewrite what was recorded. The identity of every tensor is kept during the run, which tells
+    which earlier layer (or graph input) fed each call.
+
+ONNX side
+    Provenance (:func:`normfold.exporter.provenance.module_path`) names the module of every node. The
+    value carrying a module's output is the first output of the **last** node (topological order) whose
+    path is the module or one of its descendants; its static shape must agree with the hooked tensor
+    (otherwise a later value of the same module that leaves it and has the right shape is taken, and
+    failing that the layer is "shape mismatch"). A module called ``k`` times (a shared ``ReLU``) owns
+    ``k`` connected groups of nodes, matched to its calls in order. In an optimized graph a Conv that
+    absorbed a BatchNorm points at the BN module, so the conv module owns no node: when a node of a
+    later sibling consumes the conv's input, the conv is *fused into* that sibling (which is still
+    compared, so the fused computation is checked); when it belongs to an ancestor the module is
+    *inlined into a fused op*. Every other module without a value is listed with the reason.
+
+    The matched values become extra graph outputs of a **copy** of the model and the backend runs
+    **once** for all layers. Only module-boundary values are exposed, so the fusions normfold put in the
+    file are untouched. A runtime may still decline one of its *own* fusions across an exposed value
+    (ORT's Conv+Relu → FusedConv); that changes which kernel runs, not what the graph computes.
+
+Tolerance along depth
+    A layer passes when ``|a-b| <= atol_eff + rtol·|b|`` element-wise (plus the precision's cosine floor)
+    with ``atol_eff = atol + rtol·max|ref_layer|`` (:func:`layer_tolerance`). Why the magnitude, not a
+    depth factor: the rounding error of a correct graph is relative to the size of the values being
+    summed, not to each element: an element that cancels to ~0 inside a layer whose values reach 50
+    carries the absolute error of a 50, and the plain ``atol`` (meant for outputs of order 1) would flag
+    it. Measured on the zoo at fp32 on ORT CPU (benchmarks/per_layer_cost.py prints it), a correct
+    graph (exported or optimized) stays at or below 3.3e-6·max|ref| in every layer, with no trend along
+    depth, while a 1 % weight fault moves the faulty layer by ~1e-2·max|ref|. ``rtol·max|ref| =
+    1e-4·max|ref|`` sits between the two: ≥ 30x above the noise, ~100x below the fault. A ``sqrt(depth)`` factor was not
+    needed at these depths and would only blunt detection in deep layers. Every layer's effective
+    tolerance is in the report. (The graph outputs are also checked at the plain tolerance by
+    :func:`normfold.numerics.compare`, as before.)
+
+Exporter quirks
+    Paths from the TorchScript exporter (``relu_1`` for a second call, child scopes relative to an
+    ancestor) are mapped onto the model's real module paths, and a Conv+BN it folded, which keeps the
+    *conv's* name, is credited to the BN when its value matches the BN's output (see
+    :func:`_credit_exporter_fusions`).
+
+First divergence
+    The first layer in execution order that fails. Hooks fire when a call finishes, so children come
+    before their parent and the innermost module that went wrong is named, not the block around it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from normfold.errors import InputSpecError, OnnxLoadError
+from normfold.exporter.provenance import module_path
+from normfold.io import save_onnx
+from normfold.numerics.metrics import TensorMetrics, compare_tensors
+from normfold.numerics.tolerances import Tolerance
+from normfold.runtime.base import Backend, SessionOptions
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EagerTrace",
+    "FirstDivergence",
+    "LayerReport",
+    "LayerResult",
+    "LayerStatus",
+    "compare_layers",
+    "layer_tolerance",
+    "max_magnitude",
+    "trace_eager",
+]
+
+LayerStatus = Literal["pass", "fail", "fused", "unmatched"]
+
+#: Reasons an executed layer has no compared value (JSON ``reason_kind``).
+REASON_NO_COUNTERPART = "no ONNX counterpart"
+REASON_INLINED = "inlined into a fused op"
+REASON_NON_TENSOR = "non-tensor output"
+REASON_SHAPE = "shape mismatch"
+REASON_NOT_CALLED = "never called"
+REASON_CALLS = "calls not separable"
+
+_ROOT_LABEL = "<root>"
+_INLINE_LIMIT = 1_800_000_000  # protobuf's 2 GiB limit, with the margin normfold.io uses
+
+
+def max_magnitude(reference: np.ndarray) -> float:
+    """``max|ref|`` over the finite elements (0 for empty or non-numeric tensors)."""
+    ref = np.asarray(reference)
+    if not ref.size or not np.issubdtype(ref.dtype, np.number) or ref.dtype == np.bool_:
+        return 0.0
+    magnitude = float(np.abs(ref).max())
+    if np.isfinite(magnitude):
+        return magnitude
+    finite = np.abs(ref[np.isfinite(ref)])
+    return float(finite.max()) if finite.size else 0.0
+
+
+def layer_tolerance(tol: Tolerance, reference: np.ndarray | float) -> Tolerance:
+    """The tolerance of one layer: ``atol + rtol·max|ref_layer|`` absolute, ``rtol`` relative (see module doc).
+
+    ``reference`` is the eager tensor of the layer, or already its ``max|ref|``.
+    """
+    magnitude = float(reference) if isinstance(reference, (float, int)) else max_magnitude(reference)
+    return Tolerance(atol=tol.atol + tol.rtol * magnitude, rtol=tol.rtol, min_cosine=tol.min_cosine)
+
+
+@dataclass
+class LayerResult:
+    """One output of one module call, and how its ONNX counterpart compares with it."""
+
+    name: str
+    module: str
+    module_type: str
+    call: int
+    output_index: int
+    order: int
+    depth: int
+    status: LayerStatus
+    reason: str = ""
+    reason_kind: str = ""
+    fused_into: str | None = None
+    onnx_node: str | None = None
+    onnx_value: str | None = None
+    op_type: str | None = None
+    shape: tuple[int, ...] = ()
+    tolerance: Tolerance | None = None
+    metrics: TensorMetrics | None = None
+    ref_max_abs: float | None = None
+    inputs_from: list[str] = field(default_factory=list)
+    absorbed: list[str] = field(default_factory=list)
+
+    @property
+    def matched(self) -> bool:
+        return self.status in ("pass", "fail")
+
+    @property
+    def max_abs(self) -> float | None:
+        return None if self.metrics is None else self.metrics.max_abs
+
+    @property
+    def max_rel(self) -> float | None:
+        return None if self.metrics is None else self.metrics.max_rel
+
+    @property
+    def status_text(self) -> str:
+        """``pass``, ``FAIL``, ``fused into X`` or ``not matched: reason``, as the report prints it."""
+        if self.status == "pass":
+            return "pass"
+        if self.status == "fail":
+            return "FAIL"
+        if self.status == "fused":
+            return f"fused into {self.fused_into or _ROOT_LABEL}"
+        return f"not matched: {self.reason}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "module": self.module,
+            "module_type": self.module_type,
+            "call": self.call,
+            "output_index": self.output_index,
+            "order": self.order,
+            "depth": self.depth,
+            "status": self.status,
+            "reason": self.reason,
+            "reason_kind": self.reason_kind,
+            "fused_into": self.fused_into,
+            "onnx_node": self.onnx_node,
+            "onnx_value": self.onnx_value,
+            "op_type": self.op_type,
+            "shape": list(self.shape),
+            "tolerance": None if self.tolerance is None else self.tolerance.to_dict(),
+            "metrics": None if self.metrics is None else self.metrics.to_dict(),
+            "ref_max_abs": self.ref_max_abs,
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "inputs_from": list(self.inputs_from),
+            "absorbed": list(self.absorbed),
+        }
+
+
+@dataclass(frozen=True)
+class FirstDivergence:
+    """The first failing layer in execution order, with a one-line explanation."""
+
+    module: str
+    name: str
+    onnx_node: str | None
+    onnx_value: str | None
+    op_type: str | None
+    max_abs: float
+    max_rel: float
+    mismatch_fraction: float
+    atol: float
+    rtol: float
+    order: int
+    explanation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "name": self.name,
+            "onnx_node": self.onnx_node,
+            "onnx_value": self.onnx_value,
+            "op_type": self.op_type,
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "mismatch_fraction": self.mismatch_fraction,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "order": self.order,
+            "explanation": self.explanation,
+        }
+
+
+@dataclass
+class LayerReport:
+    """Every module call of one backend run against eager, in execution order."""
+
+    backend: str
+    onnx_path: str
+    tolerance: Tolerance
+    layers: list[LayerResult] = field(default_factory=list)
+    extra_outputs: int = 0
+    tolerance_rule: str = "atol_eff = atol + rtol·max|ref_layer|, rtol as given"
+
+    @property
+    def first_divergence(self) -> FirstDivergence | None:
+        for layer in self.layers:
+            if layer.status == "fail":
+                return _first_divergence(layer, self.layers)
+        return None
+
+    @property
+    def passed(self) -> bool:
+        return all(layer.status != "fail" for layer in self.layers)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        statuses = [layer.status for layer in self.layers]
+        return {
+            "layers": len(statuses),
+            "matched": sum(s in ("pass", "fail") for s in statuses),
+            "passed": statuses.count("pass"),
+            "failed": statuses.count("fail"),
+            "fused": statuses.count("fused"),
+            "unmatched": statuses.count("unmatched"),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.first_divergence
+        return {
+            "backend": self.backend,
+            "onnx_path": self.onnx_path,
+            "passed": self.passed,
+            "tolerance": self.tolerance.to_dict(),
+            "tolerance_rule": self.tolerance_rule,
+            "extra_outputs": self.extra_outputs,
+            "counts": self.counts,
+            "first_divergence": None if first is None else first.to_dict(),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eager side
+
+
+@dataclass
+class _Call:
+    """One finished call of one module, as the forward hook saw it."""
+
+    path: str
+    module_type: str
+    call: int
+    order: int
+    outputs: list[np.ndarray | None]
+    output_ids: list[int]
+    input_ids: list[int]
+    returns_input: bool
+
+
+def _flatten(obj: Any) -> list[Any]:
+    """Flatten like :func:`normfold.runtime.eager.flatten_outputs`, keeping non-tensor leaves as None."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _flatten(item)]
+    if isinstance(obj, dict):
+        return [t for key in obj for t in _flatten(obj[key])]
+    return [None]
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    return [t for t in _flatten(obj) if isinstance(t, torch.Tensor)]
+
+
+@dataclass
+class EagerTrace:
+    """One hooked eager run: every module call's outputs, and where each call's inputs came from.
+
+    ``outputs`` are the model's own flattened outputs (what :func:`normfold.runtime.eager.run_eager`
+    returns), so :func:`normfold.numerics.compare` uses one trace both as the output reference and for
+    every backend's per-layer comparison: one eager run in all.
+    """
+
+    calls: list[_Call]
+    producer: dict[int, tuple[int, int]]
+    input_ids: list[int]
+    never_called: list[str]
+    modules: frozenset[str] = frozenset()
+
+    @property
+    def outputs(self) -> list[np.ndarray]:
+        root = next((c for c in reversed(self.calls) if c.path == ""), None)
+        return [] if root is None else [o for o in root.outputs if o is not None]
+
+
+def trace_eager(module: nn.Module, inputs: Sequence[torch.Tensor]) -> EagerTrace:
+    """Run ``module`` once under ``torch.inference_mode`` on deep copies of ``inputs``, a hook on every module.
+
+    Calls are recorded in finishing order with their outputs cloned; ``producer`` maps ``id(tensor)`` to
+    the latest (call, output) that returned it.
+    """
+    calls: list[_Call] = []
+    producer: dict[int, tuple[int, int]] = {}
+    keep_alive: list[torch.Tensor] = []
+    counts: dict[str, int] = {}
+    named = list(module.named_modules())
+    paths = {id(sub): path for path, sub in named}
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        path = paths.get(id(mod))
+        if path is None:  # a module of another model (the hook is global while it is installed)
+            return
+        flat = _flatten(output)
+        arg_tensors = _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args)
+        index = len(calls)
+        outputs: list[np.ndarray | None] = []
+        output_ids: list[int] = []
+        for j, t in enumerate(flat):
+            if isinstance(t, torch.Tensor):
+                keep_alive.append(t)
+                outputs.append(t.detach().clone().cpu().numpy())
+                output_ids.append(id(t))
+                producer[id(t)] = (index, j)
+            else:
+                outputs.append(None)
+                output_ids.append(0)
+        calls.append(
+            _Call(
+                path=path,
+                module_type=type(mod).__name__,
+                call=counts.get(path, 0),
+                order=index,
+                outputs=outputs,
+                output_ids=output_ids,
+                input_ids=[id(t) for t in arg_tensors],
+                returns_input=bool(flat)
+                and all(isinstance(t, torch.Tensor) and any(t is a for a in arg_tensors) for t in flat),
+            )
+        )
+        counts[path] = counts.get(path, 0) + 1
+
+    args = copy.deepcopy(tuple(inputs))
+    input_ids = [id(t) for t in args]
+    # One global hook instead of one per module: same calls, a fraction of the registration and dispatch cost.
+    handle = torch.nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            module(*args)
+    finally:
+        handle.remove()
+    keep_alive.clear()
+    never = [path for path, _ in named if path not in counts]
+    return EagerTrace(calls, producer, input_ids, never, frozenset(path for path, _ in named))
+
+
+# --------------------------------------------------------------------------------------------------------
+# ONNX side
+
+
+def _prefixes(path: str) -> list[str]:
+    """``a.b.c`` → ``["", "a", "a.b", "a.b.c"]``: every module a node of ``path`` belongs to."""
+    if path == "":
+        return [""]
+    parts = path.split(".")
+    return ["", *(".".join(parts[: i + 1]) for i in range(len(parts)))]
+
+
+def _parent(path: str) -> str | None:
+    if path == "":
+        return None
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _is_ancestor(anc: str, path: str) -> bool:
+    return anc != path and (anc == "" or path.startswith(anc + "."))
+
+
+def _dims(info: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
+    tensor = info.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+
+
+def _known_path(path: str | None, modules: frozenset[str]) -> str | None:
+    """Map a provenance path onto the model's real module paths.
+
+    The TorchScript exporter names a module's second call ``relu_1`` and scopes a child by its name
+    relative to an ancestor (``/layer2/downsample/downsample.0/Conv`` reads as
+    ``layer2.downsample.downsample.0``). Walking the components, each one is resolved as a child of the
+    path so far, without a ``_N`` call suffix, or as a child of an ancestor; unresolvable components are
+    skipped, so a node always lands in the deepest real module around it. Exact paths pass unchanged.
+    """
+    if path is None or not modules or path in modules:
+        return path
+    current = ""
+    for comp in path.split("."):
+        stripped = re.sub(r"_\d+$", "", comp)
+        for base in reversed(_prefixes(current)):
+            found = next(
+                (
+                    c
+                    for c in (f"{base}.{comp}" if base else comp, f"{base}.{stripped}" if base else stripped)
+                    if c in modules
+                ),
+                None,
+            )
+            if found is not None and found != current and not _is_ancestor(found, current):
+                current = found
+                break
+    return current
+
+
+class _Graph:
+    """Index of the top-level nodes of an ONNX graph: module paths, producers, consumers, known shapes.
+
+    Values are referred to by name. It reads the protobuf directly: building an onnx_ir model only to
+    read names and shapes costs more than the whole instrumented run on small models.
+    """
+
+    def __init__(self, graph: onnx.GraphProto, modules: frozenset[str] = frozenset()) -> None:
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        self.paths = [_known_path(module_path(n), modules) for n in self.nodes]
+        self.by_module: dict[str, list[int]] = {}
+        for i, p in enumerate(self.paths):
+            if p is None:
+                continue
+            for prefix in _prefixes(p):
+                self.by_module.setdefault(prefix, []).append(i)
+        self._producer: dict[str, int] = {}
+        self._consumers: dict[str, list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            for name in node.output:
+                if name:
+                    self._producer[name] = i
+            for name in dict.fromkeys(node.input):
+                if name:
+                    self._consumers.setdefault(name, []).append(i)
+        initializers = {t.name for t in graph.initializer}
+        self.graph_inputs = [v.name for v in graph.input if v.name not in initializers]
+        self.graph_outputs = [v.name for v in graph.output]
+        self._shapes: dict[str, tuple[int | None, ...] | None] = {}
+        self.infos: dict[str, onnx.ValueInfoProto] = {}
+        for info in (*graph.input, *graph.value_info, *graph.output):
+            self.infos.setdefault(info.name, info)
+
+    def producer(self, value: str) -> int | None:
+        return self._producer.get(value)
+
+    def producer_node(self, value: str) -> onnx.NodeProto | None:
+        i = self._producer.get(value)
+        return None if i is None else self.nodes[i]
+
+    def consumers(self, value: str) -> list[int]:
+        return self._consumers.get(value, [])
+
+    def shape(self, value: str) -> tuple[int | None, ...] | None:
+        if value not in self._shapes:
+            info = self.infos.get(value)
+            self._shapes[value] = None if info is None else _dims(info)
+        return self._shapes[value]
+
+    def elem_type(self, value: str) -> int:
+        info = self.infos.get(value)
+        return 0 if info is None else info.type.tensor_type.elem_type
+
+    def fits(self, value: str, shape: tuple[int, ...]) -> bool | None:
+        """True/False when the value's shape is known enough to say, None when it is unknown."""
+        static = self.shape(value)
+        if static is None:
+            return None
+        if len(static) != len(shape):
+            return False
+        return all(d is None or d == s for d, s in zip(static, shape, strict=True))
+
+    def groups(self, path: str) -> list[list[int]]:
+        """The nodes of ``path``'s subtree split into connected groups (one per call), in order."""
+        members = self.by_module.get(path, [])
+        if not members:
+            return []
+        parent = {i: i for i in members}
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for i in members:
+            for inp in self.nodes[i].input:
+                j = self._producer.get(inp) if inp else None
+                if j is not None and j in parent:
+                    parent[find(i)] = find(j)
+        comps: dict[int, list[int]] = {}
+        for i in members:
+            comps.setdefault(find(i), []).append(i)
+        return sorted((sorted(c) for c in comps.values()), key=lambda c: c[0])
+
+    def boundary(self, group: list[int]) -> list[str]:
+        """Values produced inside ``group`` that leave it (consumed outside or graph outputs), in order."""
+        inside = set(group)
+        outputs = set(self.graph_outputs)
+        found: list[str] = []
+        for i in group:
+            for v in self.nodes[i].output:
+                if v and (v in outputs or any(c not in inside for c in self.consumers(v))):
+                    found.append(v)
+        return found
+
+
+@dataclass
+class _Match:
+    """Where one layer's reference is found: an ONNX value (compared) or why there is none."""
+
+    value: str | None = None
+    status: LayerStatus = "unmatched"
+    reason: str = ""
+    reason_kind: str = ""
+    fused_into: str | None = None
+    alias_of: str = ""
+
+
+def _pick_value(g: _Graph, group: list[int], shape: tuple[int, ...]) -> tuple[str | None, str]:
+    """The last node's first output if its shape fits, else the last boundary value that fits."""
+    last = g.nodes[group[-1]]
+    first = last.output[0] if last.output else ""
+    if first and g.fits(first, shape) is not False:
+        return first, ""
+    for v in reversed(g.boundary(group)):
+        if g.fits(v, shape) is True:
+            return v, ""
+    got = g.shape(first) if first else None
+    shown = "?" if got is None else "x".join("?" if d is None else str(d) for d in got)
+    return None, (
+        f"{REASON_SHAPE}: the last node {last.name!r} ({last.op_type}) gives {shown}, eager gives "
+        f"{'x'.join(map(str, shape))}, and no value leaving the module has the eager shape"
+    )
+
+
+def _match_calls(g: _Graph, calls: list[_Call]) -> dict[tuple[int, int], _Match]:
+    """Assign an ONNX value (or a reason) to every (call, output) whose module owns nodes."""
+    by_path: dict[str, list[_Call]] = {}
+    for c in calls:
+        by_path.setdefault(c.path, []).append(c)
+    result: dict[tuple[int, int], _Match] = {}
+    for path, path_calls in by_path.items():
+        if path == "":
+            continue  # the root is matched on the graph outputs
+        groups = g.groups(path)
+        if not groups:
+            continue
+        if len(groups) == len(path_calls):
+            pairs = list(zip(path_calls, groups, strict=True))
+        elif len(path_calls) == 1:
+            pairs = [(path_calls[0], sorted(i for grp in groups for i in grp))]
+        else:
+            # The calls cannot be told apart; only the last call's output (the last node) is certain.
+            pairs = [(path_calls[-1], sorted(i for grp in groups for i in grp))]
+            for c in path_calls[:-1]:
+                for j in range(len(c.outputs)):
+                    result[(c.order, j)] = _Match(
+                        reason=(
+                            f"{REASON_CALLS}: {path} runs {len(path_calls)} times in eager but its nodes form "
+                            f"{len(groups)} connected groups in the ONNX graph; only its last call is compared"
+                        ),
+                        reason_kind=REASON_CALLS,
+                    )
+        for c, group in pairs:
+            tensor_outputs = [(j, o) for j, o in enumerate(c.outputs) if o is not None]
+            if len(tensor_outputs) == 1:
+                j, ref = tensor_outputs[0]
+                value, why = _pick_value(g, group, tuple(ref.shape))
+                result[(c.order, j)] = (
+                    _Match(value=value, status="pass")
+                    if value is not None
+                    else _Match(reason=why, reason_kind=REASON_SHAPE)
+                )
+                continue
+            leaving = g.boundary(group)
+            used: set[str] = set()
+            for j, ref in tensor_outputs:
+                fits = [v for v in leaving if v not in used and g.fits(v, tuple(ref.shape)) is not False]
+                if fits:
+                    used.add(fits[0])
+                    result[(c.order, j)] = _Match(value=fits[0], status="pass")
+                else:
+                    result[(c.order, j)] = _Match(
+                        reason=f"{REASON_SHAPE}: no value leaving {path} has shape {'x'.join(map(str, ref.shape))}",
+                        reason_kind=REASON_SHAPE,
+                    )
+    return result
+
+
+def _source_call(
+    tensor_id: int, calls: list[_Call], producer: dict[int, tuple[int, int]], before: int
+) -> tuple[int, int] | None:
+    """The (call, output) that returned this tensor before call ``before``.
+
+    The latest producer can be the asking call itself (an in-place ReLU returns its input), so then the
+    earlier calls are searched.
+    """
+    src = producer.get(tensor_id)
+    if src is not None and src[0] < before:
+        return src
+    for c in reversed(calls[:before]):
+        if tensor_id in c.output_ids:
+            return c.order, c.output_ids.index(tensor_id)
+    return None
+
+
+def _value_of_tensor(
+    tensor_id: int,
+    calls: list[_Call],
+    producer: dict[int, tuple[int, int]],
+    input_ids: list[int],
+    g: _Graph,
+    matches: dict[tuple[int, int], _Match],
+    before: int,
+) -> str | None:
+    """The ONNX value carrying an eager tensor: a graph input or the matched output of an earlier call."""
+    if tensor_id in input_ids:
+        i = input_ids.index(tensor_id)
+        return g.graph_inputs[i] if i < len(g.graph_inputs) else None
+    src = _source_call(tensor_id, calls, producer, before)
+    m = None if src is None else matches.get(src)
+    return None if m is None else m.value
+
+
+def _absorber(
+    g: _Graph, path: str, inputs: list[str], last_call: dict[str, int], order: int
+) -> tuple[str, onnx.NodeProto] | None:
+    """The module (and node) that took over ``path``'s computation: a consumer of its inputs.
+
+    Preference: a later sibling (Conv → BN), then a descendant of a later sibling, then an ancestor.
+    ``last_call[p]`` is the order of ``p``'s last call; "later" means after call ``order``.
+    """
+    parent = _parent(path)
+    best: tuple[int, int, str, onnx.NodeProto] | None = None
+    for value in inputs:
+        for i in g.consumers(value):
+            owner = g.paths[i]
+            if owner is None or owner == path or owner.startswith(path + "."):
+                continue
+            sibling = _child_towards(parent, owner) if parent is not None else None
+            if sibling is not None and last_call.get(sibling, -1) > order:
+                rank = 0 if sibling == owner else 1
+            elif _is_ancestor(owner, path):
+                rank = 2
+            else:
+                continue
+            key = (rank, i)
+            if best is None or key < best[:2]:
+                best = (rank, i, owner, g.nodes[i])
+    return None if best is None else (best[2], best[3])
+
+
+def _child_towards(parent: str, path: str) -> str | None:
+    """The child of ``parent`` on the way down to ``path`` (``path`` itself for a direct child)."""
+    if not _is_ancestor(parent, path):
+        return None
+    rest = path[len(parent) + 1 :] if parent else path
+    head = rest.split(".", 1)[0]
+    return f"{parent}.{head}" if parent else head
+
+
+def _resolve_nodeless(
+    g: _Graph,
+    calls: list[_Call],
+    producer: dict[int, tuple[int, int]],
+    input_ids: list[int],
+    matches: dict[tuple[int, int], _Match],
+) -> None:
+    """Give a match or a reason to every (call, output) of a module that owns no ONNX node."""
+    last_call = {c.path: c.order for c in calls}
+    for c in calls:
+        for j, out in enumerate(c.outputs):
+            key = (c.order, j)
+            if key in matches:
+                continue
+            if out is None:
+                matches[key] = _Match(
+                    reason=f"{REASON_NON_TENSOR} (returns no tensor here)", reason_kind=REASON_NON_TENSOR
+                )
+                continue
+            if c.path == "":
+                continue  # handled by the root match
+            if c.returns_input:
+                value = _value_of_tensor(c.output_ids[j], calls, producer, input_ids, g, matches, c.order)
+                if value is not None:
+                    matches[key] = _Match(value=value, status="pass", alias_of=value)
+                    continue
+            inputs = [
+                v
+                for v in (_value_of_tensor(t, calls, producer, input_ids, g, matches, c.order) for t in c.input_ids)
+                if v is not None
+            ]
+            found = _absorber(g, c.path, inputs, last_call, c.order) if inputs else None
+            if found is None:
+                why = (
+                    "its nodes are not in the graph and no later sibling or parent consumes its inputs"
+                    if inputs
+                    else "its nodes are not in the graph and its inputs come from untracked ops"
+                )
+                matches[key] = _Match(reason=f"{REASON_NO_COUNTERPART}: {why}", reason_kind=REASON_NO_COUNTERPART)
+                continue
+            owner, node = found
+            if _is_ancestor(owner, c.path):
+                matches[key] = _Match(
+                    reason=f"{REASON_INLINED}: {node.op_type} {node.name!r} of {owner or _ROOT_LABEL}",
+                    reason_kind=REASON_INLINED,
+                    fused_into=owner,
+                )
+            else:
+                matches[key] = _Match(status="fused", fused_into=owner, reason=f"{node.op_type} {node.name!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The comparison
+
+
+def _display_name(c: _Call, j: int, n_calls: dict[str, int]) -> str:
+    name = c.path or _ROOT_LABEL
+    if n_calls.get(c.path, 1) > 1:
+        name += f"#{c.call + 1}"
+    if len(c.outputs) > 1:
+        name += f"[{j}]"
+    return name
+
+
+def _depth(path: str) -> int:
+    return 0 if path == "" else path.count(".") + 1
+
+
+def compare_layers(
+    module: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    onnx_path: str | Path,
+    backend: Backend,
+    options: SessionOptions | None,
+    tol: Tolerance,
+    trace: EagerTrace | None = None,
+) -> LayerReport:
+    """Diff every module's output in eager against its ONNX value on ``backend``, run once for all.
+
+    ``inputs`` are fed to both sides (the ONNX inputs by position). ``trace`` reuses a hooked eager run
+    of the same module on the same inputs (:func:`trace_eager`); without it one is made. Returns a
+    :class:`LayerReport` with every module call in execution order, its status and metrics, and the
+    first divergence.
+    """
+    if trace is None:
+        trace = trace_eager(module.eval(), inputs)
+    calls, producer, input_ids, never = trace.calls, trace.producer, trace.input_ids, trace.never_called
+    proto = _load_proto(onnx_path)
+    g = _Graph(proto.graph, trace.modules)
+    if len(g.graph_inputs) != len(inputs):
+        raise InputSpecError(
+            f"the ONNX model takes {len(g.graph_inputs)} inputs {g.graph_inputs}, the eager model {len(inputs)}"
+        )
+    matches = _match_calls(g, calls)
+    _resolve_nodeless(g, calls, producer, input_ids, matches)
+    root_outputs = list(g.graph_outputs)
+    for c in calls:
+        if c.path != "":
+            continue
+        tensor_js = [j for j, o in enumerate(c.outputs) if o is not None]
+        for k, j in enumerate(tensor_js):
+            if len(tensor_js) == len(root_outputs):
+                matches[(c.order, j)] = _Match(value=root_outputs[k], status="pass")
+            else:
+                matches[(c.order, j)] = _Match(
+                    reason=f"{REASON_NO_COUNTERPART}: the graph has {len(root_outputs)} outputs, eager "
+                    f"returned {len(tensor_js)} tensors",
+                    reason_kind=REASON_NO_COUNTERPART,
+                )
+
+    wanted = {
+        m.value: calls[order].outputs[j]
+        for (order, j), m in matches.items()
+        if m.value is not None and calls[order].outputs[j] is not None
+    }
+    produced, extra = _run_instrumented(proto, g, wanted, inputs, backend, options)
+    report = LayerReport(backend=backend.name, onnx_path=str(onnx_path), tolerance=tol, extra_outputs=extra)
+    n_calls: dict[str, int] = {}
+    for c in calls:
+        n_calls[c.path] = n_calls.get(c.path, 0) + 1
+    names = {(c.order, j): _display_name(c, j, n_calls) for c in calls for j in range(len(c.outputs))}
+    absorbed: dict[str, list[str]] = {}
+    for (order, j), m in sorted(matches.items()):
+        if m.status == "fused" and m.fused_into is not None:
+            absorbed.setdefault(m.fused_into, []).append(names[(order, j)])
+    seen: dict[str, list[tuple[np.ndarray, LayerResult]]] = {}
+    for c in calls:
+        sources = _input_sources(c, calls, producer, input_ids, names, g)
+        for j, ref in enumerate(c.outputs):
+            m = matches.get((c.order, j), _Match(reason=REASON_NO_COUNTERPART, reason_kind=REASON_NO_COUNTERPART))
+            layer = LayerResult(
+                name=names[(c.order, j)],
+                module=c.path,
+                module_type=c.module_type,
+                call=c.call,
+                output_index=j,
+                order=c.order,
+                depth=_depth(c.path),
+                status=m.status,
+                reason=m.reason,
+                reason_kind=m.reason_kind,
+                fused_into=m.fused_into,
+                shape=tuple(ref.shape) if ref is not None else (),
+                inputs_from=sources,
+                absorbed=list(absorbed.get(c.path, [])),
+            )
+            if m.value is not None and ref is not None:
+                _fill_metrics(layer, m, ref, produced, tol, g, seen)
+            report.layers.append(layer)
+    _credit_exporter_fusions(report.layers, calls, produced, tol)
+    for path in never:
+        sub = module.get_submodule(path)
+        report.layers.append(
+            LayerResult(
+                name=path,
+                module=path,
+                module_type=type(sub).__name__,
+                call=0,
+                output_index=0,
+                order=len(calls),
+                depth=_depth(path),
+                status="unmatched",
+                reason=f"{REASON_NOT_CALLED} in the eager forward (its parent uses its parameters directly)",
+                reason_kind=REASON_NOT_CALLED,
+            )
+        )
+    log.debug("per-layer: %s on %s, %d extra outputs", report.counts, backend.name, extra)
+    return report
+
+
+def _input_sources(
+    c: _Call,
+    calls: list[_Call],
+    producer: dict[int, tuple[int, int]],
+    input_ids: list[int],
+    names: dict[tuple[int, int], str],
+    g: _Graph,
+) -> list[str]:
+    """Where each input tensor of a call came from: a graph input, an earlier layer, or untracked ops."""
+    sources = []
+    for t in c.input_ids:
+        if t in input_ids:
+            idx = input_ids.index(t)
+            sources.append(f"input {g.graph_inputs[idx]}" if idx < len(g.graph_inputs) else "input")
+            continue
+        src = _source_call(t, calls, producer, c.order)
+        sources.append(names[src] if src is not None else f"ops of {_parent(c.path) or _ROOT_LABEL}")
+    return sources
+
+
+def _run_instrumented(
+    proto: onnx.ModelProto,
+    g: _Graph,
+    wanted: dict[str, np.ndarray],
+    inputs: Sequence[torch.Tensor],
+    backend: Backend,
+    options: SessionOptions | None,
+) -> tuple[dict[str, np.ndarray], int]:
+    """Expose the ``wanted`` values as extra outputs of ``proto`` (a fresh copy of the file), run it once.
+
+    Each extra output carries the graph's ``value_info`` for it, or, where the graph has none, the dtype
+    of the eager tensor it is compared with. Returns every produced array by value name (graph inputs
+    included, as fed) and how many outputs were added.
+    """
+    feeds = {name: t.detach().cpu().numpy() for name, t in zip(g.graph_inputs, inputs, strict=True)}
+    graph = proto.graph
+    taken = set(g.graph_outputs) | set(feeds)
+    added = 0
+    for name, ref in wanted.items():
+        if name in taken:
+            continue
+        taken.add(name)
+        info = g.infos.get(name)
+        if info is not None and info.type.tensor_type.elem_type:
+            graph.output.append(info)
+        else:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(ref.dtype)
+            graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+        added += 1
+    opts = dataclasses.replace(options) if options is not None else SessionOptions()
+    with tempfile.TemporaryDirectory(prefix="normfold-layers-", dir=_scratch_dir()) as tmp:
+        path = Path(tmp) / "per_layer.onnx"
+        if proto.ByteSize() < _INLINE_LIMIT:  # a private scratch file: no atomic rename needed
+            path.write_bytes(proto.SerializeToString())
+        else:
+            save_onnx(proto, path)  # external data beside it
+        with backend.load(path, opts) as runner:
+            run_feeds = {meta.name: feeds[meta.name] for meta in runner.inputs if meta.name in feeds}
+            if len(run_feeds) != len(runner.inputs):
+                raise InputSpecError(
+                    f"the instrumented model takes inputs {runner.input_names}, the graph declares {sorted(feeds)}"
+                )
+            produced = runner.infer(run_feeds)
+    return {**feeds, **produced}, added
+
+
+def _fill_metrics(
+    layer: LayerResult,
+    m: _Match,
+    ref: np.ndarray,
+    produced: dict[str, np.ndarray],
+    tol: Tolerance,
+    g: _Graph,
+    seen: dict[str, list[tuple[np.ndarray, LayerResult]]],
+) -> None:
+    """Compare one matched layer under its effective tolerance; a shape mismatch makes it unmatched.
+
+    A block returns its last child's tensor, so the same (value, reference) pair recurs; ``seen`` reuses
+    those metrics instead of recomputing them (the metrics dominate the per-layer cost on small models).
+    """
+    name = m.value or ""
+    node = g.producer_node(name)
+    layer.onnx_value = name
+    layer.onnx_node = node.name if node is not None else f"input {name}"
+    layer.op_type = node.op_type if node is not None else "graph input"
+    if m.alias_of:
+        layer.reason = f"identity in eager: compared at {m.alias_of!r}"
+    actual = produced.get(name)
+    if actual is None:
+        layer.status, layer.reason_kind = "unmatched", REASON_NO_COUNTERPART
+        layer.reason = f"{REASON_NO_COUNTERPART}: the backend did not return {name!r}"
+        return
+    if tuple(np.shape(actual)) != tuple(ref.shape):
+        layer.status, layer.reason_kind = "unmatched", REASON_SHAPE
+        layer.reason = (
+            f"{REASON_SHAPE}: ONNX value {name!r} has shape {'x'.join(map(str, np.shape(actual)))}, "
+            f"eager {'x'.join(map(str, ref.shape))}"
+        )
+        return
+    for earlier_ref, earlier in seen.get(name, []):
+        if earlier.metrics is not None and earlier_ref.dtype == ref.dtype and np.array_equal(earlier_ref, ref):
+            layer.ref_max_abs, layer.tolerance = earlier.ref_max_abs, earlier.tolerance
+            layer.metrics = dataclasses.replace(earlier.metrics, name=layer.name)
+            layer.status = earlier.status
+            return
+    layer.ref_max_abs = max_magnitude(ref)
+    layer.tolerance = layer_tolerance(tol, layer.ref_max_abs)
+    layer.metrics = compare_tensors(layer.name, actual, ref, layer.tolerance)
+    layer.status = "pass" if layer.metrics.passed else "fail"
+    seen.setdefault(name, []).append((ref, layer))
+
+
+def _scratch_dir() -> str | None:
+    """Where the instrumented copy goes: RAM-backed ``/dev/shm`` when writable (the copy only lives for
+    one session load), else the default temp dir."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def _credit_exporter_fusions(
+    layers: list[LayerResult], calls: list[_Call], produced: dict[str, np.ndarray], tol: Tolerance
+) -> None:
+    """Re-attribute a fusion whose node kept the *first* module's provenance (Conv+BN folded by the
+    TorchScript exporter stays ``/conv1/Conv``).
+
+    Such a layer fails against its own module's output but matches the next sibling that fed on it and
+    owns no node (the BN). Then the sibling is compared at that value (and passes) and the first module
+    is "fused into" it. A real fault in the fused node fails against both and stays where provenance put
+    it, so fault localization is unchanged.
+    """
+    for k, layer in enumerate(layers):
+        if layer.status != "fail" or layer.onnx_value is None:
+            continue
+        for nxt in layers[k + 1 :]:
+            if nxt.onnx_value is not None or layer.name not in nxt.inputs_from:
+                continue
+            if _parent(nxt.module) != _parent(layer.module) or nxt.shape != layer.shape:
+                continue
+            ref = calls[nxt.order].outputs[nxt.output_index]
+            actual = produced.get(layer.onnx_value)
+            if ref is None or actual is None:
+                break
+            magnitude = max_magnitude(ref)
+            tolerance = layer_tolerance(tol, magnitude)
+            metrics = compare_tensors(nxt.name, actual, ref, tolerance)
+            if not metrics.passed:
+                break
+            nxt.status, nxt.reason_kind, nxt.fused_into = "pass", "", None
+            nxt.reason = f"computed by {layer.op_type} {layer.onnx_node!r}, whose provenance names {layer.module}"
+            nxt.onnx_value, nxt.onnx_node, nxt.op_type = layer.onnx_value, layer.onnx_node, layer.op_type
+            nxt.metrics, nxt.tolerance, nxt.ref_max_abs = metrics, tolerance, magnitude
+            for other in layers:
+                if nxt.name in other.absorbed:
+                    other.absorbed.remove(nxt.name)
+            nxt.absorbed.append(layer.name)
+            layer.status, layer.fused_into, layer.reason_kind = "fused", nxt.module, ""
+            layer.reason = f"{layer.op_type} {layer.onnx_node!r} computes {nxt.name} (the exporter fused them)"
+            layer.onnx_value, layer.metrics, layer.tolerance = None, None, None
+            break
+
+
+def _load_proto(path: str | Path) -> onnx.ModelProto:
+    """The ONNX file as a fresh protobuf (the instrumented copy is built on it); errors as OnnxLoadError.
+
+    No checker pass: the backend has just loaded the same file, and checking costs more than the run.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise OnnxLoadError(f"ONNX file not found: {p}")
+    try:
+        return onnx.load(str(p))
+    except Exception as e:  # protobuf raises DecodeError and friends
+        raise OnnxLoadError(f"{p} is not a readable ONNX model ({type(e).__name__}: {e})") from e
+
+
+def _effective_sources(layer: LayerResult, by_name: dict[str, LayerResult]) -> list[str]:
+    """The layer's input sources, looking through modules fused into it (a folded Conv's own input)."""
+    found: list[str] = []
+    pending = list(layer.inputs_from)
+    seen: set[str] = set()
+    while pending:
+        src = pending.pop(0)
+        if src in seen:
+            continue
+        seen.add(src)
+        fused = by_name.get(src)
+        if fused is not None and fused.status == "fused" and fused.fused_into == layer.module:
+            pending.extend(fused.inputs_from)
+        else:
+            found.append(src)
+    return found
+
+
+def _first_divergence(layer: LayerResult, layers: list[LayerResult]) -> FirstDivergence:
+    """Describe the first failing layer in one line: what moved, by how much, and where it entered."""
+    assert layer.metrics is not None and layer.tolerance is not None  # only failed layers get here
+    m = layer.metrics
+    by_name = {other.name: other for other in layers}
+    sources = _effective_sources(layer, by_name)
+    checked = [s for s in sources if s.startswith("input ") or (s in by_name and by_name[s].status == "pass")]
+    unchecked = [s for s in sources if s not in checked]
+    if sources and not unchecked:
+        where = f"its inputs ({', '.join(sources)}) match eager, so the error enters inside it"
+    elif unchecked:
+        where = f"its input from {', '.join(dict.fromkeys(unchecked))} is not compared, so the error may enter there"
+    else:
+        where = "it is the first layer compared"
+    fused = f"; it also computes {', '.join(layer.absorbed)} (fused into it)" if layer.absorbed else ""
+    explanation = (
+        f"{layer.name} ({layer.op_type} {layer.onnx_node!r}) is the first layer out of tolerance: max abs "
+        f"{m.max_abs:.3g} > atol_eff {layer.tolerance.atol:.3g} on {m.mismatch_fraction:.1%} of elements; "
+        f"{where}{fused}"
+    )
+    return FirstDivergence(
+        module=layer.module,
+        name=layer.name,
+        onnx_node=layer.onnx_node,
+        onnx_value=layer.onnx_value,
+        op_type=layer.op_type,
+        max_abs=m.max_abs,
+        max_rel=m.max_rel,
+        mismatch_fraction=m.mismatch_fraction,
+        atol=layer.tolerance.atol,
+        rtol=layer.tolerance.rtol,
+        order=layer.order,
+        explanation=explanation,
+    )
