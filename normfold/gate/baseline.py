@@ -24,7 +24,7 @@ from typing import Any
 
 from normfold.errors import ConfigError
 from normfold.gate.cases import CaseResult
-from normfold.io import write_text
+from normfold.io import json_text, write_text
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def update_baseline(results: Sequence[CaseResult], path: str | Path, previous: B
         else:
             log.info("baseline: %s not stored (%s)", result.case_id, result.status)
     baseline = Baseline(cases=dict(sorted(cases.items())), path=str(path))
-    write_text(path, json.dumps(baseline.to_dict(), indent=2, sort_keys=True) + "\n")
+    write_text(path, json_text(baseline.to_dict()))
     return baseline
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from normfold.gate.cases import FAILING, CaseResult
-from normfold.io import write_text
+from normfold.io import json_text, write_text
 
 
 @dataclass
@@ -73,29 +72,9 @@ class GateReport:
         }
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    return str(obj)
-
-
-def _finite(obj: Any) -> Any:
-    """JSON has no inf/NaN: write them as strings so every parser accepts the file."""
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def report_json(report: GateReport) -> str:
-    return json.dumps(_finite(report.to_dict()), indent=2, default=_json_default, allow_nan=False) + "\n"
+    """Strict JSON (non-finite metrics as ``"inf"``/``"nan"`` strings) through normfold's one JSON writer."""
+    return json_text(report.to_dict())
 
 
 def write_json(report: GateReport, path: str | Path) -> Path:
