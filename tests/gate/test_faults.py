@@ -126,14 +126,24 @@ def test_clean_models_pass_with_zero_false_failures(fault_report, name: str) -> 
     assert case.max_abs is not None and case.max_abs < 1e-5
 
 
-def test_failures_carry_a_per_layer_diff_or_say_why_not(fault_report) -> None:
-    case = next(c for c in fault_report.cases if c.model == "wrong_eps")
-    if case.layers is None:
+FIRST_DIVERGENT_MODULE = {
+    "wrong_eps": "norm",
+    "unbiased_ln": "norm",
+    "channel_swap": "0",  # conv1d_bn's first Conv (BN folded into it by the exporter)
+    "dropped_bias": "0",
+    "frozen_branch": "fc",
+}
+
+
+@pytest.mark.parametrize("name", FAULTS)
+def test_failures_name_the_first_divergent_layer(fault_report, name: str) -> None:
+    case = next(c for c in fault_report.cases if c.model == name)
+    if case.layers is None:  # a build without the per-layer diff says so instead
         assert any("per-layer diff" in note for note in case.notes), case.notes
-    else:
-        assert case.first_divergence is not None
-        assert "norm" in json.dumps(case.first_divergence)
-        assert case.reason.startswith("first divergent layer: ")
+        return
+    assert case.first_divergence is not None
+    assert case.first_divergence["module"] == FIRST_DIVERGENT_MODULE[name]
+    assert case.reason.startswith(f"first divergent layer: {FIRST_DIVERGENT_MODULE[name]} (")
 
 
 def test_fault_report_verdict_and_json(fault_report) -> None:
