@@ -1,0 +1,394 @@
+"""Gate cases: one model × backend × precision, run end to end into a verdict.
+
+A case runs: availability probe → load the eager model → export (or take the given ONNX artifact) →
+optimize (when :func:`normfold.fusers.optimize` is available) → compare against eager → per-layer diff if
+it failed → optional benchmark → verdict. :class:`CaseSpec` and :class:`CaseResult` hold only plain data,
+so a case can run in this process, in a worker process or as a Ray task and come back unchanged.
+
+Statuses:
+
+* ``passed``: every output within tolerance (and within the latency budget when one is set).
+* ``failed``: the case ran and its numbers (or its latency) are wrong.
+* ``error``: the case could not be evaluated: load/export failure, a crash, a timeout.
+* ``skipped``: the backend cannot run here (the reason says why). Never counted as passed; with
+  ``require`` it becomes ``failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from normfold.errors import BackendUnavailableError, NormfoldError
+
+log = logging.getLogger(__name__)
+
+CaseStatus = Literal["passed", "failed", "error", "skipped"]
+FAILING: tuple[str, ...] = ("failed", "error")
+
+
+@dataclass
+class CaseSpec:
+    """Everything a worker needs to run one case; paths are absolute."""
+
+    case_id: str
+    model: str
+    ref: str
+    backend: str
+    precision: str
+    settings: dict[str, Any]
+    weights: str | None = None
+    onnx: str | None = None
+    inputs: list[str] | None = None
+    inputs_npz: str | None = None
+    required: bool = False
+    bench: bool = False
+    #: None: probe the backend where the case runs (Ray); "": probed available; text: why it cannot run.
+    unavailable: str | None = None
+
+    @property
+    def timeout_s(self) -> float:
+        return float(self.settings.get("timeout_s", 600.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CaseResult:
+    """The verdict of one case with everything a report needs (plain data only)."""
+
+    case_id: str
+    model: str
+    backend: str
+    precision: str
+    status: CaseStatus
+    reason: str = ""
+    stage: str = ""
+    tolerance: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    first_divergence: dict[str, Any] | None = None
+    layers: dict[str, Any] | None = None
+    optimize: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    baseline: dict[str, Any] = field(default_factory=dict)
+    input_source: str = ""
+    onnx_path: str = ""
+    notes: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    @property
+    def failing(self) -> bool:
+        return self.status in FAILING
+
+    @property
+    def max_abs(self) -> float | None:
+        values = [o["max_abs"] for o in self.outputs.values() if "max_abs" in o]
+        return max(values) if values else None
+
+    @property
+    def max_rel(self) -> float | None:
+        values = [o["max_rel"] for o in self.outputs.values() if "max_rel" in o]
+        return max(values) if values else None
+
+    @property
+    def min_cosine(self) -> float | None:
+        values = [o["cosine"] for o in self.outputs.values() if "cosine" in o]
+        return min(values) if values else None
+
+    def optimize_summary(self) -> str:
+        """``optimized: 9 rewrites, 31 → 22 nodes`` (empty when the case was not optimized)."""
+        opt = self.optimize or {}
+        if not opt.get("available"):
+            return ""
+        before, after = opt.get("ops_before"), opt.get("ops_after")
+        nodes = ""
+        if isinstance(before, dict) and isinstance(after, dict):
+            nodes = f", {sum(before.values())} → {sum(after.values())} nodes"
+        return f"optimized: {opt.get('applied', '?')} rewrites{nodes}"
+
+    def fail(self, reason: str, stage: str, status: CaseStatus = "failed") -> None:
+        """Mark the case failing; reasons accumulate (a drift on top of a latency regression, say)."""
+        if self.failing and self.reason:
+            self.reason = f"{self.reason}; {reason}"
+        else:
+            self.reason, self.stage = reason, stage
+        if self.status != "error":
+            self.status = status
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaseResult:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def _error_text(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    """Attribute or mapping access: reports from other modules may be dataclasses or dicts."""
+    if isinstance(obj, dict):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def _first_divergence(layers: Any) -> dict[str, Any] | None:
+    if layers is None:
+        return None
+    data = layers.to_dict() if hasattr(layers, "to_dict") else layers
+    first = _get(data, "first_divergence")
+    if first is None:
+        return None
+    return (
+        first if isinstance(first, dict) else (first.to_dict() if hasattr(first, "to_dict") else {"module": str(first)})
+    )
+
+
+def describe_divergence(first: dict[str, Any] | None) -> str:
+    """One line: where the numbers first went wrong, and by how much."""
+    if not first:
+        return ""
+    where = first.get("module") or first.get("onnx_node") or "?"
+    op = f" ({first['op_type']})" if first.get("op_type") else ""
+    node = f" at ONNX node {first['onnx_node']}" if first.get("onnx_node") and first.get("module") else ""
+    metrics = ", ".join(f"{k}={first[k]:.3g}" for k in ("max_abs", "max_rel") if isinstance(first.get(k), (int, float)))
+    return f"first divergent layer: {where}{op}{node}" + (f" ({metrics})" if metrics else "")
+
+
+class _Stage:
+    """Records which stage a case is in, so an unexpected exception names it."""
+
+    def __init__(self) -> None:
+        self.name = "setup"
+
+
+def probe_reason(backend: str, precision: str) -> str:
+    """Empty when ``backend`` runs ``precision`` here, else exactly why not (probes are cached per process)."""
+    from normfold.runtime.registry import get_backend
+
+    try:
+        get_backend(backend).ensure_available(precision)
+    except BackendUnavailableError as e:
+        return str(e)
+    return ""
+
+
+def run_case(spec: CaseSpec) -> CaseResult:
+    """Run one case to a verdict. Never raises: every failure becomes the case's status and reason."""
+    started = time.perf_counter()
+    result = CaseResult(spec.case_id, spec.model, spec.backend, spec.precision, status="passed")
+    stage = _Stage()
+    try:
+        with tempfile.TemporaryDirectory(prefix="normfold-gate-") as tmp:
+            _run(spec, result, Path(tmp), stage)
+    except NormfoldError as e:
+        result.status, result.stage = "error", stage.name
+        result.reason = f"{stage.name}: {_error_text(e)}"
+    except Exception as e:
+        log.debug("case %s raised in %s:\n%s", spec.case_id, stage.name, traceback.format_exc())
+        result.status, result.stage = "error", stage.name
+        result.reason = f"{stage.name}: unexpected {_error_text(e)}"
+    result.duration_s = time.perf_counter() - started
+    return result
+
+
+def _run(spec: CaseSpec, result: CaseResult, tmp: Path, stage: _Stage) -> None:
+    from normfold.numerics.tolerances import tolerance_for
+
+    s = spec.settings
+    stage.name = "probe"
+    reason = spec.unavailable if spec.unavailable is not None else probe_reason(spec.backend, spec.precision)
+    if reason:
+        if spec.required:
+            result.status, result.stage = "failed", "probe"
+            result.reason = f"required backend unavailable: {reason}"
+        else:
+            result.status, result.stage, result.reason = "skipped", "probe", reason
+        return
+
+    tol = tolerance_for(spec.precision, s.get("atol"), s.get("rtol"))
+    result.tolerance = tol.to_dict()
+
+    stage.name = "load"
+    from normfold.models.loader import load_model, parse_input_spec
+
+    specs = [parse_input_spec(t) for t in spec.inputs] if spec.inputs else None
+    loaded = load_model(spec.ref, weights=spec.weights, inputs=specs, seed=int(s.get("seed", 0)))
+
+    if spec.onnx:
+        onnx_path = Path(spec.onnx)
+        result.notes.append(f"checked the given artifact {onnx_path} as-is (no export, no optimize)")
+    else:
+        stage.name = "export"
+        from normfold.exporter import export
+
+        exported = export(loaded, None, tmp / "model.onnx", opset=int(s["opset"]), exporter=s["exporter"])
+        onnx_path = exported.path
+        if s.get("optimize", True):
+            stage.name = "optimize"
+            onnx_path = _optimize(onnx_path, tmp / "model.opt.onnx", s.get("passes"), result)
+    result.onnx_path = str(onnx_path)
+
+    stage.name = "compare"
+    _compare(spec, loaded, onnx_path, result)
+    if result.status == "skipped":
+        return
+
+    if spec.bench and result.status == "passed":
+        stage.name = "bench"
+        _bench(spec, onnx_path, result)
+
+
+def _optimize(src: Path, dst: Path, passes: list[str] | None, result: CaseResult) -> Path:
+    try:
+        from normfold.fusers import optimize
+    except ImportError as e:
+        log.debug("optimize unavailable: %s", e)
+        result.notes.append("optimize unavailable in this build (no normfold.fusers.optimize); checked the raw export")
+        result.optimize = {"available": False}
+        return src
+    report = optimize(src, dst, passes=passes)
+    summary: dict[str, Any] = {"available": True}
+    for key in ("applied", "ops_before", "ops_after", "total_seconds"):
+        value = _get(report, key)
+        if value is not None:
+            summary[key] = value
+    result.optimize = summary
+    return Path(_get(report, "output") or dst)
+
+
+def _compare(spec: CaseSpec, loaded: Any, onnx_path: Path, result: CaseResult) -> None:
+    from normfold.numerics import compare
+
+    s = spec.settings
+    kwargs: dict[str, Any] = {
+        "backends": [spec.backend],
+        "precision": spec.precision,
+        "skip_unavailable": True,
+        "model_name": spec.model,
+    }
+    inputs = spec.inputs_npz
+    report = compare(loaded, onnx_path, inputs, atol=s.get("atol"), rtol=s.get("rtol"), **kwargs)
+    result.input_source = report.input_source
+    backend = report.backends[spec.backend]
+    if backend.status == "skipped":
+        if spec.required:
+            result.fail(f"required backend unavailable: {backend.reason}", "compare")
+        else:
+            result.status, result.stage, result.reason = "skipped", "compare", backend.reason
+        return
+    if backend.status == "error":
+        result.fail(f"{spec.backend} failed to run the model: {backend.reason}", "compare", "error")
+        return
+    metrics = {name: m.to_dict() for name, m in backend.outputs.items()}
+    output_tols: dict[str, dict[str, Any]] = s.get("outputs") or {}
+    unknown = sorted(set(output_tols) - set(metrics))
+    if unknown and metrics:
+        result.fail(
+            f"config sets tolerances for outputs {unknown}, but the ONNX outputs are {sorted(metrics)}",
+            "compare",
+            "error",
+        )
+        return
+    # Per-output tolerances: one more comparison per distinct tolerance (usually none or one).
+    groups: dict[tuple[float | None, float | None], list[str]] = {}
+    for name, ot in output_tols.items():
+        atol = ot.get("atol") if ot.get("atol") is not None else s.get("atol")
+        rtol = ot.get("rtol") if ot.get("rtol") is not None else s.get("rtol")
+        groups.setdefault((atol, rtol), []).append(name)
+    for (atol, rtol), names in groups.items():
+        again = compare(loaded, onnx_path, inputs, atol=atol, rtol=rtol, **kwargs).backends[spec.backend]
+        for name in names:
+            metrics[name] = again.outputs[name].to_dict()
+    result.outputs = metrics
+    if backend.status == "failed" and not backend.outputs:
+        result.fail(backend.reason, "compare")  # e.g. output count differs from eager
+        return
+    bad = [name for name, m in metrics.items() if not m["passed"]]
+    if not bad:
+        return
+    worst = max(bad, key=lambda n: metrics[n]["max_abs"])
+    m = metrics[worst]
+    reason = (
+        f"outputs {bad} out of tolerance; {worst}: max_abs={m['max_abs']:.3g} max_rel={m['max_rel']:.3g} "
+        f"cosine={m['cosine']:.6f} mismatch={m['mismatch_fraction']:.2%} (atol={m['atol']:g}, rtol={m['rtol']:g})"
+    )
+    result.fail(reason, "compare")
+    if s.get("per_layer", True):
+        _per_layer(spec, loaded, onnx_path, result, kwargs)
+
+
+def _per_layer(spec: CaseSpec, loaded: Any, onnx_path: Path, result: CaseResult, kwargs: dict[str, Any]) -> None:
+    from normfold.numerics import compare
+
+    s = spec.settings
+    try:
+        report = compare(
+            loaded, onnx_path, spec.inputs_npz, atol=s.get("atol"), rtol=s.get("rtol"), per_layer=True, **kwargs
+        )
+    except ImportError as e:
+        result.notes.append(f"per-layer diff unavailable in this build ({e})")
+        return
+    except NormfoldError as e:
+        result.notes.append(f"per-layer diff failed: {_error_text(e)}")
+        return
+    layers = report.backends[spec.backend].layers
+    if layers is None:
+        result.notes.append("per-layer diff unavailable in this build")
+        return
+    result.layers = layers.to_dict() if hasattr(layers, "to_dict") else dict(layers)
+    result.first_divergence = _first_divergence(layers)
+    line = describe_divergence(result.first_divergence)
+    if line:
+        result.reason = f"{line}; {result.reason}"
+
+
+def _bench(spec: CaseSpec, onnx_path: Path, result: CaseResult) -> None:
+    try:
+        from normfold.bench import benchmark
+    except ImportError as e:
+        log.debug("benchmark unavailable: %s", e)
+        result.notes.append("benchmark unavailable in this build (no normfold.bench.benchmark); latency not judged")
+        return
+    s = spec.settings
+    bench: Callable[..., Any] = benchmark
+    # batch_sizes=None: the model's own batch (a static model cannot run another).
+    report = bench(
+        onnx_path, backends=(spec.backend,), batch_sizes=None, warmup=s["bench_warmup"], iters=s["bench_iters"]
+    )
+    rows = list(_get(report, "results", []) or [])
+    row = next((r for r in rows if _get(r, "backend") == spec.backend), rows[0] if rows else None)
+    if row is None:
+        result.notes.append("benchmark returned no results; latency not judged")
+        return
+    data = row.to_dict() if hasattr(row, "to_dict") else dict(row)
+    latency = {
+        k: float(data[k])
+        for k in ("p50_ms", "p90_ms", "min_ms", "max_ms", "mean_ms", "std_ms", "first_run_ms")
+        if isinstance(data.get(k), (int, float))
+    }
+    latency["iterations"] = int(data.get("iterations") or s["bench_iters"])
+    result.latency = latency
+    budget = (s.get("latency_budget_ms") or {}).get(spec.backend)
+    p50 = latency.get("p50_ms")
+    if budget is not None and p50 is not None:
+        latency["budget_ms"] = float(budget)
+        if p50 > budget:
+            result.fail(f"latency p50 {p50:.3f} ms exceeds the budget {budget:g} ms", "bench")

@@ -1,0 +1,213 @@
+"""``run_gate``: config → cases → executor → baseline → GateReport (+ report files)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from normfold.errors import ConfigError
+from normfold.gate.baseline import Baseline, apply_baseline, load_baseline, update_baseline
+from normfold.gate.cases import CaseResult, CaseSpec, probe_reason
+from normfold.gate.config import EXECUTORS, GateConfig, load_config
+from normfold.gate.executors import run_cases
+from normfold.gate.report import GateReport, write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASELINE = "normfold-baseline.json"
+
+
+def plan_cases(
+    config: GateConfig, *, require: list[str] | None = None, baseline: Baseline | None = None, update: bool = False
+) -> list[CaseSpec]:
+    """Expand every model × backend × precision into a :class:`CaseSpec` (ids are unique and stable)."""
+    required = set(config.require) | set(require or [])
+    specs: list[CaseSpec] = []
+    seen: set[str] = set()
+    for index, model in enumerate(config.models):
+        settings = model.settings(config.defaults)
+        name = model.display_name
+        if model.inputs and model.inputs_npz:
+            raise ConfigError(
+                f"{config.source}: models[{index}] ({name}) sets both 'inputs' and 'inputs_npz'; pick one"
+            )
+        for backend in settings.backends:
+            for precision in settings.precisions:
+                case_id = f"{name}[{backend}-{precision}]"
+                if case_id in seen:
+                    raise ConfigError(
+                        f"{config.source}: two models produce case {case_id}; give them distinct 'name' keys"
+                    )
+                seen.add(case_id)
+                has_baseline_latency = bool(baseline and "p50_ms" in baseline.cases.get(case_id, {}))
+                bench = settings.bench or backend in settings.latency_budget_ms or update or has_baseline_latency
+                specs.append(
+                    CaseSpec(
+                        case_id=case_id,
+                        model=name,
+                        ref=model.ref,
+                        backend=backend,
+                        precision=precision,
+                        settings=settings.model_dump(),
+                        weights=_abs(config, model.weights),
+                        onnx=_abs(config, model.onnx),
+                        inputs=model.inputs,
+                        inputs_npz=_abs(config, model.inputs_npz),
+                        required=backend in required,
+                        bench=bench,
+                    )
+                )
+    return specs
+
+
+def _abs(config: GateConfig, path: str | None) -> str | None:
+    resolved = config.resolve(path)
+    return str(resolved) if resolved is not None else None
+
+
+def _environment() -> dict[str, Any]:
+    import numpy
+    import onnx
+    import torch
+
+    import normfold
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "normfold": normfold.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "numpy": numpy.__version__,
+    }
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        env["onnxruntime"] = None
+    return env
+
+
+def run_gate(
+    config_path_or_config: str | Path | GateConfig | None = None,
+    *,
+    jobs: int | None = None,
+    executor: str | None = None,
+    ray_address: str | None = None,
+    update_baseline_file: bool = False,
+    require: list[str] | None = None,
+    baseline: str | Path | None = None,
+    junit: str | Path | None = None,
+    summary: str | Path | None = None,
+    html: str | Path | None = None,
+    json_path: str | Path | None = None,
+    on_start: Callable[[CaseSpec], None] | None = None,
+    on_done: Callable[[CaseResult], None] | None = None,
+    on_plan: Callable[[list[CaseSpec]], None] | None = None,
+) -> GateReport:
+    """Run the gate. Keyword arguments override the config file (which overrides built-in defaults).
+
+    Writes the reports named by the arguments or the config's ``[reports]`` table and lists them in
+    ``report.written``. Raises :class:`ConfigError` for a bad config; every case outcome, including
+    crashes and timeouts, is a verdict in the report, never an exception.
+    """
+    config = (
+        config_path_or_config if isinstance(config_path_or_config, GateConfig) else load_config(config_path_or_config)
+    )
+    executor_name = executor or (
+        config.executor if config.executor else ("process" if (jobs or config.jobs) > 1 else "local")
+    )
+    if executor_name not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor_name!r}; expected one of {', '.join(EXECUTORS)}")
+    n_jobs = jobs or config.jobs
+    if require:
+        from normfold.runtime.registry import parse_backends
+
+        require = parse_backends(require)
+    baseline_path = Path(baseline) if baseline else config.resolve(config.baseline)
+    if update_baseline_file and baseline_path is None:
+        baseline_path = config.base_dir / DEFAULT_BASELINE
+    previous = load_baseline(baseline_path) if baseline_path is not None else None
+    specs = plan_cases(config, require=require, baseline=previous, update=update_baseline_file)
+    if executor_name in ("local", "process"):
+        # Same machine: probe each backend once here instead of once per worker (a CUDA probe costs seconds).
+        # Ray cases probe where they run, since the cluster's machines may differ from this one.
+        probes: dict[tuple[str, str], str] = {}
+        for spec in specs:
+            key = (spec.backend, spec.precision)
+            if key not in probes:
+                probes[key] = probe_reason(*key)
+            spec.unavailable = probes[key]
+    if on_plan is not None:
+        on_plan(specs)
+
+    report = GateReport(
+        source=config.source,
+        executor=executor_name,
+        jobs=n_jobs,
+        started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        required=sorted(set(config.require) | set(require or [])),
+        baseline_path=str(baseline_path) if baseline_path else None,
+        environment=_environment(),
+    )
+    started = time.perf_counter()
+    kwargs: dict[str, Any] = {}
+    if on_start is not None:
+        kwargs["on_start"] = on_start
+    if on_done is not None:
+        kwargs["on_done"] = on_done
+    report.cases = run_cases(
+        specs, executor=executor_name, jobs=n_jobs, ray_address=ray_address or config.ray_address, **kwargs
+    )
+
+    if previous is not None and not update_baseline_file:
+        apply_baseline(
+            report.cases,
+            previous,
+            drift_factor=config.drift_factor,
+            drift_floor=config.drift_floor,
+            latency_threshold=config.latency_regression,
+        )
+    elif baseline_path is not None and not update_baseline_file:
+        report.notes.append(f"no baseline at {baseline_path} yet; create it with --update-baseline")
+    if update_baseline_file and baseline_path is not None:
+        stored = update_baseline(report.cases, baseline_path, previous)
+        report.baseline_updated = True
+        report.notes.append(f"baseline {baseline_path} updated ({len(stored.cases)} cases)")
+    report.duration_s = time.perf_counter() - started
+    _write_reports(report, config, junit=junit, summary=summary, html=html, json_path=json_path)
+    log.info("%s", report.verdict_line())
+    return report
+
+
+def _write_reports(
+    report: GateReport,
+    config: GateConfig,
+    *,
+    junit: str | Path | None,
+    summary: str | Path | None,
+    html: str | Path | None,
+    json_path: str | Path | None,
+) -> None:
+    from normfold.gate.html import write_html
+    from normfold.gate.junit import write_junit
+    from normfold.gate.markdown import write_markdown
+
+    paths = {
+        "junit": junit or config.resolve(config.reports.junit),
+        "summary": summary or config.resolve(config.reports.summary),
+        "html": html or config.resolve(config.reports.html),
+        "json": json_path or config.resolve(config.reports.json_path),
+    }
+    writers = {"junit": write_junit, "summary": write_markdown, "html": write_html, "json": write_json}
+    for kind, path in paths.items():
+        if path is None:
+            continue
+        writers[kind](report, path)
+        report.written[kind] = str(path)
