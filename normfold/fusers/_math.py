@@ -89,7 +89,5 @@ def cast_checked(x: np.ndarray, dtype: np.dtype | type[np.generic], what: str) -
         limit = float(np.finfo(target).max)
         peak = float(np.max(np.abs(x64))) if x64.size else 0.0
         if peak > limit:
-            raise FoldOverflowError(
-                f"folded {what} reaches |{peak:.4g}|, beyond the {target.name} maximum {limit:.6g}"
-            )
+            raise FoldOverflowError(f"folded {what} reaches |{peak:.4g}|, beyond the {target.name} maximum {limit:.6g}")
     return x64.astype(target)

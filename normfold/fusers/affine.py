@@ -63,9 +63,7 @@ class FoldAffineIntoPreceding(NormfoldPass):
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         modified = False
-        layers = [
-            n for n in graph if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.domain == ""
-        ]
+        layers = [n for n in graph if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.domain == ""]
         for layer in layers:
             if layer.graph is graph:
                 modified |= self._visit(graph, layer)
@@ -149,9 +147,7 @@ class FoldAffineIntoPreceding(NormfoldPass):
             self.skipped(nodes, f"{e}; the unfolded chain does not overflow, so it is kept")
             return False
         w_init = g.new_initializer(graph, w_new, weight.name)
-        b_init = g.new_initializer(
-            graph, b_new, bias_value.name if bias_value is not None else f"{weight.name}_bias"
-        )
+        b_init = g.new_initializer(graph, b_new, bias_value.name if bias_value is not None else f"{weight.name}_bias")
         path = module_path(ops[-1])
         if layer.op_type == "MatMul":
             mm = g.clone_node(layer, [layer.inputs[0], w_init])
@@ -170,9 +166,7 @@ class FoldAffineIntoPreceding(NormfoldPass):
         return True
 
 
-def _input_reason(
-    node: ir.Node, other: ir.Value | None, rank: int | None, axis: int, channels: int
-) -> str | None:
+def _input_reason(node: ir.Node, other: ir.Value | None, rank: int | None, axis: int, channels: int) -> str | None:
     """A skip reason when ``other`` looks like per-channel statistics fed as a graph input (a residual
     input of the activation's shape is no candidate at all)."""
     if other is None or not other.is_graph_input() or other.shape is None:

@@ -142,9 +142,7 @@ class FuseBatchNormIntoConv(NormfoldPass):
             [
                 conv.inputs[0],
                 g.new_initializer(graph, w_new, weight.name),
-                g.new_initializer(
-                    graph, b_new, f"{weight.name}_bias" if bias_value is None else bias_value.name
-                ),
+                g.new_initializer(graph, b_new, f"{weight.name}_bias" if bias_value is None else bias_value.name),
             ],
         )
         g.stamp(new, bn, module_path(bn))
@@ -232,9 +230,7 @@ class FuseBatchNormIntoGemm(NormfoldPass):
             perm = g.attr_ints(transpose, "perm")
             rank = len(perm) if perm is not None else None
             if perm is None or rank is None or rank < 2 or perm[1] != rank - 1:
-                self.skipped(
-                    nodes, f"Transpose perm {perm} does not move the layer's feature axis to the BN axis 1"
-                )
+                self.skipped(nodes, f"Transpose perm {perm} does not move the layer's feature axis to the BN axis 1")
                 return False
         else:
             rank = 2 if layer.op_type == "Gemm" else _rank(layer, y)
@@ -286,9 +282,7 @@ class FuseBatchNormIntoGemm(NormfoldPass):
             return False
         path_name = module_path(bn)
         w_init = g.new_initializer(graph, w_new, weight.name)
-        b_init = g.new_initializer(
-            graph, b_new, f"{weight.name}_bias" if bias_value is None else bias_value.name
-        )
+        b_init = g.new_initializer(graph, b_new, f"{weight.name}_bias" if bias_value is None else bias_value.name)
         if layer.op_type == "Gemm":
             new_nodes = [g.clone_node(layer, [layer.inputs[0], w_init, b_init], drop_attrs=("beta",))]
         else:
@@ -315,10 +309,8 @@ class FuseBatchNormIntoGemm(NormfoldPass):
 
 def _is_feature_bias(b: np.ndarray, channels: int) -> bool:
     """A MatMul bias that varies along the last axis only: ``(C,)``, ``(1, C)``, a scalar …"""
-    return (
-        (b.ndim <= 1
-        and b.size in (1, channels))
-        or (all(d == 1 for d in b.shape[:-1]) and b.shape[-1] in (1, channels))
+    return (b.ndim <= 1 and b.size in (1, channels)) or (
+        all(d == 1 for d in b.shape[:-1]) and b.shape[-1] in (1, channels)
     )
 
 
@@ -421,9 +413,7 @@ class FuseBatchNormIntoNextConv(NormfoldPass):
             [
                 bn.inputs[0],
                 g.new_initializer(graph, w_new, weight.name),
-                g.new_initializer(
-                    graph, b_new, f"{weight.name}_bias" if bias_value is None else bias_value.name
-                ),
+                g.new_initializer(graph, b_new, f"{weight.name}_bias" if bias_value is None else bias_value.name),
             ],
         )
         g.stamp(new, conv, module_path(conv))

@@ -124,8 +124,7 @@ class OptimizeReport:
 def op_histogram(model: ir.Model) -> dict[str, int]:
     """``{op_type: count}`` over the main graph and its subgraphs (domain-qualified outside ONNX)."""
     counts = Counter(
-        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-        for n in model.graph.all_nodes()
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.all_nodes()
     )
     return dict(sorted(counts.items()))
 

@@ -83,8 +83,15 @@ def compare_tensors(name: str, actual: np.ndarray, expected: np.ndarray, tol: To
     e = e_arr.astype(np.float64, copy=False).ravel()
     if a.size == 0:
         return TensorMetrics(
-            **common, max_abs=0.0, mean_abs=0.0, max_rel=0.0, cosine=1.0, rel_l2=0.0, mismatch_fraction=0.0,
-            passed=dtype_ok, reason="" if dtype_ok else f"dtype {a_arr.dtype} != expected {e_arr.dtype}",
+            **common,
+            max_abs=0.0,
+            mean_abs=0.0,
+            max_rel=0.0,
+            cosine=1.0,
+            rel_l2=0.0,
+            mismatch_fraction=0.0,
+            passed=dtype_ok,
+            reason="" if dtype_ok else f"dtype {a_arr.dtype} != expected {e_arr.dtype}",
         )
     if not (np.isfinite(a).all() and np.isfinite(e).all()):
         # Slow path: NaN equals NaN at the same place; any other non-finite difference is a mismatch.
