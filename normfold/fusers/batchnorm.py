@@ -69,6 +69,29 @@ def _alive(node: ir.Node, graph: ir.Graph) -> bool:
     return node.graph is graph
 
 
+def _folded_initializers(
+    pass_: NormfoldPass,
+    graph: ir.Graph,
+    nodes: list[ir.Node],
+    weight: ir.Value,
+    bias_value: ir.Value | None,
+    dtypes: tuple[np.dtype, np.dtype],
+    w64: np.ndarray,
+    b64: np.ndarray,
+) -> tuple[ir.Value, ir.Value] | None:
+    """Cast the float64 fold to the initializers' dtypes and add them as *new* initializers (never in
+    place: the exporter may alias them with BN statistics). None, with the skip recorded, when a folded
+    value would overflow its dtype."""
+    try:
+        w_new = _math.cast_checked(w64, dtypes[0], "weight")
+        b_new = _math.cast_checked(b64, dtypes[1], "bias")
+    except _math.FoldOverflowError as e:
+        pass_.skipped(nodes, f"{e}; the unfolded BN does not overflow, so it is kept")
+        return None
+    bias_name = f"{weight.name}_bias" if bias_value is None else bias_value.name
+    return g.new_initializer(graph, w_new, weight.name), g.new_initializer(graph, b_new, bias_name)
+
+
 @register_pass
 class FuseBatchNormIntoConv(NormfoldPass):
     """``BN(Conv(x, W, B))`` → ``Conv(x, W', B')`` and the same for ConvTranspose.
@@ -131,20 +154,11 @@ class FuseBatchNormIntoConv(NormfoldPass):
         else:
             w64 = _math.scale_conv_transpose(w, s, group)
         b64 = _math.fold_bias(b, s, t)
-        try:
-            w_new = _math.cast_checked(w64, w.dtype, "weight")
-            b_new = _math.cast_checked(b64, b.dtype if b is not None else w.dtype, "bias")
-        except _math.FoldOverflowError as e:
-            self.skipped(nodes, f"{e}; the unfolded BN does not overflow, so it is kept")
+        dtypes = (w.dtype, b.dtype if b is not None else w.dtype)
+        inits = _folded_initializers(self, graph, nodes, weight, bias_value, dtypes, w64, b64)
+        if inits is None:
             return False
-        new = g.clone_node(
-            conv,
-            [
-                conv.inputs[0],
-                g.new_initializer(graph, w_new, weight.name),
-                g.new_initializer(graph, b_new, f"{weight.name}_bias" if bias_value is None else bias_value.name),
-            ],
-        )
+        new = g.clone_node(conv, [conv.inputs[0], *inits])
         g.stamp(new, bn, module_path(bn))
         g.swap(graph, [conv, bn], [new], bn.outputs[0], new.outputs[0])
         cloned = " (weight cloned: it is shared)" if g.other_users(weight, []) else ""
@@ -274,15 +288,12 @@ class FuseBatchNormIntoGemm(NormfoldPass):
             return False
         w64 = _math.scale_output_channels(w, s, axis)
         b64 = _math.fold_bias(None if b is None else beta * np.asarray(b, dtype=np.float64), s, t)
-        try:
-            w_new = _math.cast_checked(w64, w.dtype, "weight")
-            b_new = _math.cast_checked(b64, b.dtype if b is not None else w.dtype, "bias")
-        except _math.FoldOverflowError as e:
-            self.skipped(nodes, f"{e}; the unfolded BN does not overflow, so it is kept")
+        dtypes = (w.dtype, b.dtype if b is not None else w.dtype)
+        inits = _folded_initializers(self, graph, nodes, weight, bias_value, dtypes, w64, b64)
+        if inits is None:
             return False
         path_name = module_path(bn)
-        w_init = g.new_initializer(graph, w_new, weight.name)
-        b_init = g.new_initializer(graph, b_new, f"{weight.name}_bias" if bias_value is None else bias_value.name)
+        w_init, b_init = inits
         if layer.op_type == "Gemm":
             new_nodes = [g.clone_node(layer, [layer.inputs[0], w_init, b_init], drop_attrs=("beta",))]
         else:
@@ -402,20 +413,11 @@ class FuseBatchNormIntoNextConv(NormfoldPass):
             self.skipped(nodes, f"BN has {s.size} channels but the Conv reads {w.shape[1] * group}")
             return False
         w64, b64 = _math.fold_into_next_conv(w, b, s, t, group)
-        try:
-            w_new = _math.cast_checked(w64, w.dtype, "weight")
-            b_new = _math.cast_checked(b64, b.dtype if b is not None else w.dtype, "bias")
-        except _math.FoldOverflowError as e:
-            self.skipped(nodes, f"{e}; the unfolded BN does not overflow, so it is kept")
+        dtypes = (w.dtype, b.dtype if b is not None else w.dtype)
+        inits = _folded_initializers(self, graph, nodes, weight, bias_value, dtypes, w64, b64)
+        if inits is None:
             return False
-        new = g.clone_node(
-            conv,
-            [
-                bn.inputs[0],
-                g.new_initializer(graph, w_new, weight.name),
-                g.new_initializer(graph, b_new, f"{weight.name}_bias" if bias_value is None else bias_value.name),
-            ],
-        )
+        new = g.clone_node(conv, [bn.inputs[0], *inits])
         g.stamp(new, conv, module_path(conv))
         g.swap(graph, [bn, conv], [new], conv.outputs[0], new.outputs[0])
         self.applied(nodes, "folded into the following Conv's input channels")
