@@ -217,3 +217,17 @@ def _reduce_axes_to_input(node: ir.Node, names: Names) -> None:
     graph.insert_before(node, const)
     node.resize_inputs(2)
     node.replace_input_with(1, const.outputs[0])
+
+
+def opset_plan(model: ir.Model, target: int | None, required: int, op_label: str) -> tuple[int | None, str | None]:
+    """Whether a fusion emitting ``op_label`` (needs opset ``required``) may run on ``model``.
+
+    Returns ``(raise_to, reason)``: ``raise_to`` is the opset to raise the model to (None: no raise),
+    ``reason`` is why the fusion must be skipped (None: it may run).
+    """
+    opset = opset_of(model)
+    if opset >= required:
+        return None, None
+    if target is None or target < required:
+        return None, f"model opset {opset} < {required} ({op_label}); pass --target-opset {required} to raise it"
+    return target, opset_raise_blocker(model, target)

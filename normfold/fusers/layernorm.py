@@ -38,14 +38,13 @@ from normfold.fusers._normcore import (
     Reject,
     add_initializer,
     match_core,
-    opset_of,
     other_operand,
     owner_path,
     remove_dead,
     replace_output,
     single_consumer,
 )
-from normfold.fusers._opset import opset_raise_blocker, raise_opset
+from normfold.fusers._opset import opset_plan, raise_opset
 from normfold.fusers.base import NormfoldPass, register_pass
 
 logger = logging.getLogger(__name__)
@@ -63,19 +62,7 @@ class LayerNormFusion(NormfoldPass):
     def run(self, model: ir.Model) -> bool:
         facts = GraphFacts(model)
         graph = model.graph
-        opset = opset_of(model)
-        raise_to: int | None = None
-        opset_reason: str | None = None
-        if opset < LAYERNORM_OPSET:
-            target = self.ctx.target_opset
-            if target is None or target < LAYERNORM_OPSET:
-                opset_reason = (
-                    f"model opset {opset} < {LAYERNORM_OPSET} (LayerNormalization); pass --target-opset "
-                    f"{LAYERNORM_OPSET} to raise it"
-                )
-            else:
-                opset_reason = opset_raise_blocker(model, target)
-                raise_to = target
+        raise_to, opset_reason = opset_plan(model, self.ctx.target_opset, LAYERNORM_OPSET, "LayerNormalization")
         created: list[ir.Node] = []
         names = Names(model)
         if any(n.op_type in ("ReduceMean",) for n in graph):
