@@ -151,13 +151,20 @@ def compare(
     module, example, input_names = _module_and_inputs(model)
     tensors, source = resolve_inputs(inputs, example, input_names)
     trace = None
-    if per_layer:  # one hooked eager run serves as the output reference and for every backend's layers
-        from normfold.numerics.layers import trace_eager
+    try:
+        if per_layer:  # one hooked eager run serves as the output reference and for every backend's layers
+            from normfold.numerics.layers import trace_eager
 
-        trace = trace_eager(module, tensors)
-        reference = trace.outputs
-    else:
-        reference = run_eager(module, tensors)
+            trace = trace_eager(module, tensors)
+            reference = trace.outputs
+        else:
+            reference = run_eager(module, tensors)
+    except Exception as e:  # the user's model rejected the inputs it was given
+        shapes = ", ".join("x".join(map(str, t.shape)) for t in tensors)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputSpecError(
+            f"the eager model failed on inputs of shape {shapes} ({source}): {type(e).__name__}: {first}"
+        ) from e
     report = CompareReport(
         model=model_name or getattr(model, "ref", type(module).__name__),
         onnx_path=str(onnx_path),

@@ -101,6 +101,7 @@ def _one_error_line(res) -> str:
         (["run", "{tmp}/missing.onnx"], 2, "not found"),
         (["run", "{lenet}", "--backend", "cuda"], 2, "unknown backend 'cuda'"),
         (["compare", "zoo:lenet_bn", "{lenet}", "--backend", "nope"], 2, "unknown backend"),
+        (["compare", "zoo:lenet_bn", "{lenet}", "--input", "x:2x28"], 2, "eager model failed on inputs of shape 2x28"),
     ],
 )
 def test_bad_input_one_line_error(tmp_path: Path, lenet: Path, args: list[str], code: int, needle: str) -> None:
