@@ -211,6 +211,13 @@ def compare(
                 from normfold.numerics.layers import compare_layers
 
                 comparison.layers = compare_layers(module, tensors, onnx_path, backend, opts, tol, trace)
+                first = comparison.layers.first_divergence
+                if comparison.passed and first is not None:
+                    # The verdict is the outputs'; a diverging layer masked downstream (ReLU, pooling) is
+                    # still worth knowing: other inputs may not mask it.
+                    comparison.reason = (
+                        f"outputs within tolerance, but layer {first.module} diverges (masked downstream)"
+                    )
             report.backends[name] = comparison
     return report
 
