@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from normfold.errors import FusionError, OnnxLoadError, UsageError
+from normfold.errors import BackendUnavailableError, FusionError, OnnxLoadError, UsageError
 from normfold.exporter.provenance import module_path, set_module_path
 from normfold.fusers.base import NormfoldPass, PassContext
 from normfold.io import load_onnx, save_onnx
@@ -700,6 +700,10 @@ def ort_tensor_errors(
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=list(providers))
+        if session.get_providers()[0] != providers[0]:  # ORT falls back silently; errors must be the target's
+            raise BackendUnavailableError(
+                f"auto precision: the session fell back to {session.get_providers()} instead of {providers[0]}"
+            )
         inputs = {i.name: i for i in session.get_inputs()}
         typed = {}
         for name, array in feeds.items():

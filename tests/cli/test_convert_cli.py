@@ -35,3 +35,16 @@ def test_convert_rejects_unknown_precision(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert res.stderr.startswith("error: unknown precision")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_auto_mode_needs_a_gpu_backend_and_says_why(tmp_path: Path) -> None:
+    src = tmp_path / "u.onnx"
+    assert runner.invoke(app, ["export", "zoo:conv1d_bn", "-o", str(src)]).exit_code == 0
+    res = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "o.onnx"), "--auto", "ort-cpu"])
+    assert res.exit_code == 2 and "GPU ONNX Runtime backend" in res.stderr
+    from normfold.runtime.probe import gpu_reason
+
+    if gpu_reason() is not None:
+        res = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "o.onnx"), "--auto", "ort-cuda"])
+        assert res.exit_code == 3 and "cannot run here" in res.stderr
+    assert not (tmp_path / "o.onnx").exists()
