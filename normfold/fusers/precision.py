@@ -48,6 +48,8 @@ from normfold.errors import BackendUnavailableError, FusionError, OnnxLoadError,
 from normfold.exporter.provenance import module_path, set_module_path
 from normfold.fusers.base import NormfoldPass, PassContext
 from normfold.io import load_onnx, save_onnx
+from normfold.runtime.base import SessionOptions
+from normfold.runtime.onnxruntime import create_session
 
 logger = logging.getLogger(__name__)
 
@@ -688,7 +690,6 @@ def ort_tensor_errors(
     comparable across layers); non-finite values in ``a`` give ``inf``. On a GPU, pass the CUDA or
     TensorRT provider and the error is that of the deployed backend.
     """
-    import onnxruntime as ort
 
     def run_all(proto: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
         model = ir.from_proto(proto)
@@ -697,9 +698,11 @@ def ort_tensor_errors(
         for name in names:
             if name in values and name not in present:
                 model.graph.outputs.append(values[name])
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=list(providers))
+        session = create_session(
+            ir.to_proto(model).SerializeToString(),
+            list(providers),
+            SessionOptions(graph_optimization_level="disable"),
+        )
         if session.get_providers()[0] != providers[0]:  # ORT falls back silently; errors must be the target's
             raise BackendUnavailableError(
                 f"auto precision: the session fell back to {session.get_providers()} instead of {providers[0]}"

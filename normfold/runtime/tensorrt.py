@@ -24,8 +24,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from normfold.errors import BackendUnavailableError, InputSpecError, OnnxLoadError, UsageError
+from normfold.io import write_bytes
 from normfold.runtime.base import Backend, Runner, SessionOptions, TensorMeta
 from normfold.runtime.probe import gpu_name, gpu_reason
 
@@ -213,18 +212,6 @@ class EngineBuild:
         }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_engine(
     onnx_path: str | Path,
     options: SessionOptions | None = None,
@@ -273,7 +260,7 @@ def build_engine(
     network = NetworkFromOnnxPath(str(model), strongly_typed=typed)
     log.info("building TensorRT %s engine for %s (strongly_typed=%s)", trt.__version__, model, typed)
     data = EngineBytesFromNetwork(network, config=CreateConfig(**config_kwargs))()
-    _write_atomic(target, bytes(data))
+    write_bytes(target, bytes(data))
     return EngineBuild(target, key, False, typed, profiles, model)
 
 
