@@ -220,7 +220,7 @@ def export(
             f"asked for opset {opset} but the {exporter} exporter produced opset {got} "
             f"(its down-conversion failed); use --opset {got} or --exporter torchscript"
         )
-    stamp_module_paths(proto)
+    stamp_module_paths(proto, modules=frozenset(name for name, _ in module.named_modules()))
     if norm_export != "native":
         proto = _apply_norm_export(proto, norm_export)
     traced = sum(1 for n in proto.graph.node if module_path(n) is not None)

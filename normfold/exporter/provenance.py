@@ -17,7 +17,8 @@ points at the BatchNorm's module (it now produces that module's output).
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable
+import re
+from collections.abc import Collection, Iterable
 
 import onnx
 import onnx_ir as ir
@@ -58,6 +59,47 @@ def _from_legacy_name(name: str) -> str | None:
     return path
 
 
+def module_prefixes(path: str) -> list[str]:
+    """``a.b.c`` → ``["", "a", "a.b", "a.b.c"]``."""
+    if path == "":
+        return [""]
+    parts = path.split(".")
+    return ["", *(".".join(parts[: i + 1]) for i in range(len(parts)))]
+
+
+def is_ancestor(anc: str, path: str) -> bool:
+    return anc != path and (anc == "" or path.startswith(anc + "."))
+
+
+def resolve_module_path(path: str | None, modules: Collection[str]) -> str | None:
+    """Map a provenance path onto the model's real module paths.
+
+    The TorchScript exporter names a module's second call ``relu_1`` and scopes a child by its name
+    relative to an ancestor (``/layer2/downsample/downsample.0/Conv`` reads as
+    ``layer2.downsample.downsample.0``). Walking the components, each one is resolved as a child of the
+    path so far, without a ``_N`` call suffix, or as a child of an ancestor; unresolvable components are
+    skipped, so a node always lands in the deepest real module around it. Exact paths pass unchanged.
+    """
+    if path is None or not modules or path in modules:
+        return path
+    current = ""
+    for comp in path.split("."):
+        stripped = re.sub(r"_\d+$", "", comp)
+        for base in reversed(module_prefixes(current)):
+            found = next(
+                (
+                    c
+                    for c in (f"{base}.{comp}" if base else comp, f"{base}.{stripped}" if base else stripped)
+                    if c in modules
+                ),
+                None,
+            )
+            if found is not None and found != current and not is_ancestor(found, current):
+                current = found
+                break
+    return current
+
+
 def module_path(node: NodeLike) -> str | None:
     """The nn.Module path that produced ``node`` (``""`` is the root module), or None if unknown."""
     props = _props(node)
@@ -84,13 +126,21 @@ def set_module_path(node: NodeLike, path: str | None) -> None:
         node.metadata_props[MODULE_PATH_KEY] = path
 
 
-def stamp_module_paths(model: onnx.ModelProto | ir.Model, nodes: Iterable[NodeLike] | None = None) -> int:
-    """Write the normalized key on every node whose provenance is known; returns how many got one."""
+def stamp_module_paths(
+    model: onnx.ModelProto | ir.Model,
+    nodes: Iterable[NodeLike] | None = None,
+    modules: Collection[str] = (),
+) -> int:
+    """Write the normalized key on every node whose provenance is known; returns how many got one.
+
+    With ``modules`` (the exporting model's ``named_modules()`` paths), exporter paths that are not real
+    modules (TorchScript's ``relu_1``, relative child scopes) are resolved onto the real ones first.
+    """
     if nodes is None:
         nodes = model.graph.node if isinstance(model, onnx.ModelProto) else model.graph.all_nodes()
     count = 0
     for node in nodes:
-        path = module_path(node)
+        path = resolve_module_path(module_path(node), modules) if modules else module_path(node)
         if path is not None:
             set_module_path(node, path)
             count += 1

@@ -55,7 +55,6 @@ import copy
 import dataclasses
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,7 +67,7 @@ import torch
 from torch import nn
 
 from normfold.errors import InputSpecError, OnnxLoadError
-from normfold.exporter.provenance import module_path
+from normfold.exporter.provenance import is_ancestor, module_path, module_prefixes, resolve_module_path
 from normfold.io import save_onnx
 from normfold.numerics.metrics import TensorMetrics, compare_tensors
 from normfold.numerics.tolerances import Tolerance
@@ -399,22 +398,10 @@ def trace_eager(module: nn.Module, inputs: Sequence[torch.Tensor]) -> EagerTrace
 # ONNX side
 
 
-def _prefixes(path: str) -> list[str]:
-    """``a.b.c`` → ``["", "a", "a.b", "a.b.c"]``: every module a node of ``path`` belongs to."""
-    if path == "":
-        return [""]
-    parts = path.split(".")
-    return ["", *(".".join(parts[: i + 1]) for i in range(len(parts)))]
-
-
 def _parent(path: str) -> str | None:
     if path == "":
         return None
     return path.rsplit(".", 1)[0] if "." in path else ""
-
-
-def _is_ancestor(anc: str, path: str) -> bool:
-    return anc != path and (anc == "" or path.startswith(anc + "."))
 
 
 def _dims(info: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
@@ -422,35 +409,6 @@ def _dims(info: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
     if not tensor.HasField("shape"):
         return None
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
-
-
-def _known_path(path: str | None, modules: frozenset[str]) -> str | None:
-    """Map a provenance path onto the model's real module paths.
-
-    The TorchScript exporter names a module's second call ``relu_1`` and scopes a child by its name
-    relative to an ancestor (``/layer2/downsample/downsample.0/Conv`` reads as
-    ``layer2.downsample.downsample.0``). Walking the components, each one is resolved as a child of the
-    path so far, without a ``_N`` call suffix, or as a child of an ancestor; unresolvable components are
-    skipped, so a node always lands in the deepest real module around it. Exact paths pass unchanged.
-    """
-    if path is None or not modules or path in modules:
-        return path
-    current = ""
-    for comp in path.split("."):
-        stripped = re.sub(r"_\d+$", "", comp)
-        for base in reversed(_prefixes(current)):
-            found = next(
-                (
-                    c
-                    for c in (f"{base}.{comp}" if base else comp, f"{base}.{stripped}" if base else stripped)
-                    if c in modules
-                ),
-                None,
-            )
-            if found is not None and found != current and not _is_ancestor(found, current):
-                current = found
-                break
-    return current
 
 
 class _Graph:
@@ -462,12 +420,12 @@ class _Graph:
 
     def __init__(self, graph: onnx.GraphProto, modules: frozenset[str] = frozenset()) -> None:
         self.nodes: list[onnx.NodeProto] = list(graph.node)
-        self.paths = [_known_path(module_path(n), modules) for n in self.nodes]
+        self.paths = [resolve_module_path(module_path(n), modules) for n in self.nodes]
         self.by_module: dict[str, list[int]] = {}
         for i, p in enumerate(self.paths):
             if p is None:
                 continue
-            for prefix in _prefixes(p):
+            for prefix in module_prefixes(p):
                 self.by_module.setdefault(prefix, []).append(i)
         self._producer: dict[str, int] = {}
         self._consumers: dict[str, list[int]] = {}
@@ -686,7 +644,7 @@ def _absorber(
             sibling = _child_towards(parent, owner) if parent is not None else None
             if sibling is not None and last_call.get(sibling, -1) > order:
                 rank = 0 if sibling == owner else 1
-            elif _is_ancestor(owner, path):
+            elif is_ancestor(owner, path):
                 rank = 2
             else:
                 continue
@@ -698,7 +656,7 @@ def _absorber(
 
 def _child_towards(parent: str, path: str) -> str | None:
     """The child of ``parent`` on the way down to ``path`` (``path`` itself for a direct child)."""
-    if not _is_ancestor(parent, path):
+    if not is_ancestor(parent, path):
         return None
     rest = path[len(parent) + 1 :] if parent else path
     head = rest.split(".", 1)[0]
@@ -746,7 +704,7 @@ def _resolve_nodeless(
                 matches[key] = _Match(reason=f"{REASON_NO_COUNTERPART}: {why}", reason_kind=REASON_NO_COUNTERPART)
                 continue
             owner, node = found
-            if _is_ancestor(owner, c.path):
+            if is_ancestor(owner, c.path):
                 matches[key] = _Match(
                     reason=f"{REASON_INLINED}: {node.op_type} {node.name!r} of {owner or _ROOT_LABEL}",
                     reason_kind=REASON_INLINED,

@@ -45,3 +45,27 @@ def test_stamp_counts_only_known_nodes() -> None:
     graph = helper.make_graph([_node("/a/Relu"), _node("anon")], "g", [], [])
     model = helper.make_model(graph)
     assert stamp_module_paths(model) == 1
+
+
+def test_resolve_module_path_maps_torchscript_quirks_onto_real_modules() -> None:
+    from normfold.exporter.provenance import resolve_module_path
+
+    modules = {"", "layer2", "layer2.downsample", "layer2.downsample.0", "layer1", "layer1.relu"}
+    assert resolve_module_path("layer2.downsample.downsample.0", modules) == "layer2.downsample.0"
+    assert resolve_module_path("layer1.relu_1", modules) == "layer1.relu"
+    assert resolve_module_path("layer1.relu", modules) == "layer1.relu"  # exact paths pass unchanged
+    assert resolve_module_path(None, modules) is None
+
+
+def test_torchscript_export_stamps_only_real_module_paths(tmp_path) -> None:
+    import onnx
+
+    from normfold.exporter import export
+    from normfold.models.loader import load_model
+
+    loaded = load_model("zoo:resnet_basic")
+    res = export(loaded, None, tmp_path / "r.onnx", exporter="torchscript", opset=17)
+    modules = {name for name, _ in loaded.module.named_modules()}
+    paths = {module_path(n) for n in onnx.load(str(res.path)).graph.node} - {None}
+    assert paths <= modules, paths - modules
+    assert any(p.endswith("downsample.0") for p in paths)
