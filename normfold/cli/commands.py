@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from normfold.cli._app import EXIT_CHECK_FAILED, command, csv, emit_json, out
 from normfold.cli._render import backends_table, compare_table
 
+if TYPE_CHECKING:
+    from normfold.models.loader import LoadedModel
+
 INPUT_HELP = "NAME:SHAPE[:DTYPE], e.g. x:1x3x224x224 (repeatable). Overrides the model's example input shapes."
 
 
-def _load(ref: str, weights: str | None, inputs: list[str] | None, seed: int = 0):
+def _load(ref: str, weights: str | None, inputs: list[str] | None, seed: int = 0) -> LoadedModel:
     from normfold.models.loader import load_model, parse_input_spec
 
     specs = [parse_input_spec(s) for s in inputs] if inputs else None
