@@ -69,6 +69,21 @@ def _alive(node: ir.Node, graph: ir.Graph) -> bool:
     return node.graph is graph
 
 
+class _BatchNormRule(NormfoldPass):
+    """Visits every live BatchNormalization once per run; subclasses decide what to do with each."""
+
+    def run(self, model: ir.Model) -> bool:
+        graph = model.graph
+        modified = False
+        for bn in _batchnorms(graph):
+            if _alive(bn, graph):
+                modified |= self._visit(graph, bn)
+        return modified
+
+    def _visit(self, graph: ir.Graph, bn: ir.Node) -> bool:
+        raise NotImplementedError
+
+
 def _folded_initializers(
     pass_: NormfoldPass,
     graph: ir.Graph,
@@ -93,7 +108,7 @@ def _folded_initializers(
 
 
 @register_pass
-class FuseBatchNormIntoConv(NormfoldPass):
+class FuseBatchNormIntoConv(_BatchNormRule):
     """``BN(Conv(x, W, B))`` → ``Conv(x, W', B')`` and the same for ConvTranspose.
 
     Conv weight ``(Cout, Cin/g, *k)``: ``W' = W·s[o]`` on axis 0. ConvTranspose weight
@@ -104,14 +119,6 @@ class FuseBatchNormIntoConv(NormfoldPass):
     """
 
     name = "fuse_bn_into_conv"
-
-    def run(self, model: ir.Model) -> bool:
-        graph = model.graph
-        modified = False
-        for bn in _batchnorms(graph):
-            if _alive(bn, graph):
-                modified |= self._visit(graph, bn)
-        return modified
 
     def _visit(self, graph: ir.Graph, bn: ir.Node) -> bool:
         y = bn.inputs[0]
@@ -192,7 +199,7 @@ def _feature_layer(y: ir.Value) -> tuple[list[ir.Node], ir.Node | None]:
 
 
 @register_pass
-class FuseBatchNormIntoGemm(NormfoldPass):
+class FuseBatchNormIntoGemm(_BatchNormRule):
     """``BN(Gemm)``, ``BN(MatMul(+Add))`` and ``BN(Transpose(MatMul+Add))`` (Linear→BatchNorm1d).
 
     The feature axis of ``Y = α·A·B + β·C`` is N: ``B`` is ``(K, N)`` for transB=0 (scale axis 1) and
@@ -207,14 +214,6 @@ class FuseBatchNormIntoGemm(NormfoldPass):
     """
 
     name = "fuse_bn_into_gemm"
-
-    def run(self, model: ir.Model) -> bool:
-        graph = model.graph
-        modified = False
-        for bn in _batchnorms(graph):
-            if _alive(bn, graph):
-                modified |= self._visit(graph, bn)
-        return modified
 
     def _visit(self, graph: ir.Graph, bn: ir.Node) -> bool:
         y = bn.inputs[0]
@@ -345,7 +344,7 @@ def _rank(layer: ir.Node, y: ir.Value) -> int | None:
 
 
 @register_pass
-class FuseBatchNormIntoNextConv(NormfoldPass):
+class FuseBatchNormIntoNextConv(_BatchNormRule):
     """``Conv(BN(x), W, B)`` → ``Conv(x, W', B')`` when the conv has no padding.
 
     With ``k = Cin/g`` input channels per group and ``gi = o // (Cout/g)``:
@@ -357,14 +356,6 @@ class FuseBatchNormIntoNextConv(NormfoldPass):
     """
 
     name = "fuse_bn_into_next_conv"
-
-    def run(self, model: ir.Model) -> bool:
-        graph = model.graph
-        modified = False
-        for bn in _batchnorms(graph):
-            if _alive(bn, graph):
-                modified |= self._visit(graph, bn)
-        return modified
 
     def _visit(self, graph: ir.Graph, bn: ir.Node) -> bool:
         out = bn.outputs[0]
