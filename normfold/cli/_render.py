@@ -7,16 +7,14 @@ from typing import TYPE_CHECKING
 from rich.markup import escape
 from rich.table import Table
 
+from normfold._format import num
+
 if TYPE_CHECKING:
     from rich.console import Console
 
     from normfold.numerics.compare import CompareReport
     from normfold.numerics.layers import LayerReport
     from normfold.runtime.base import BackendStatus
-
-
-def fmt(x: float) -> str:
-    return "inf" if x == float("inf") else f"{x:.3g}"
 
 
 def verdict(ok: bool | None, text: str | None = None) -> str:
@@ -64,10 +62,10 @@ def compare_table(report: CompareReport) -> Table:
                 name,
                 out_name,
                 "x".join(map(str, m.shape)),
-                fmt(m.max_abs),
-                fmt(m.max_rel),
+                num(m.max_abs),
+                num(m.max_rel),
                 f"{m.cosine:.7f}",
-                fmt(m.rel_l2),
+                num(m.rel_l2),
                 f"{m.mismatch_fraction:.2%}",
                 verdict(m.passed, None if m.passed else f"FAIL {m.reason}"),
             )
@@ -106,9 +104,9 @@ def layers_table(layers: LayerReport, title: str = "") -> Table:
             escape(layer.module_type),
             escape(layer.op_type or "-"),
             "x".join(map(str, layer.shape)) or "-",
-            "-" if layer.max_abs is None else fmt(layer.max_abs),
-            "-" if layer.max_rel is None else fmt(layer.max_rel),
-            "-" if layer.tolerance is None else fmt(layer.tolerance.atol),
+            "-" if layer.max_abs is None else num(layer.max_abs),
+            "-" if layer.max_rel is None else num(layer.max_rel),
+            "-" if layer.tolerance is None else num(layer.tolerance.atol),
             status,
         )
     return table

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from normfold._format import num
 from normfold.cli._app import EXIT_CHECK_FAILED, EXIT_OK, command, csv, err, out
 
 if TYPE_CHECKING:
@@ -24,12 +25,6 @@ log = logging.getLogger(__name__)
 
 DEMO_REPORT_DIR = "normfold-report"
 _STYLE = {"passed": "green", "failed": "red", "error": "magenta", "skipped": "yellow"}
-
-
-def _fmt(x: float | None, spec: str = ".3g") -> str:
-    if x is None:
-        return "-"
-    return "inf" if x == float("inf") else format(x, spec)
 
 
 def gate_table(report: GateReport) -> Table:
@@ -46,9 +41,9 @@ def gate_table(report: GateReport) -> Table:
             escape(case.model),
             f"{case.backend} {case.precision}",
             f"[{style}]{case.status}[/]",
-            _fmt(case.max_abs),
-            _fmt(case.max_rel),
-            _fmt(p50, ".3f"),
+            num(case.max_abs, missing="-"),
+            num(case.max_rel, missing="-"),
+            num(p50, ".3f", missing="-"),
         )
     return table
 

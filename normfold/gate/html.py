@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from normfold._format import num
 from normfold.gate.cases import CaseResult, describe_divergence
 from normfold.gate.report import GateReport
 from normfold.io import write_text
@@ -89,12 +90,6 @@ def layer_plot_png(case: CaseResult) -> bytes | None:
     return buf.getvalue()
 
 
-def _num(x: float | None, spec: str = ".3g") -> str:
-    if x is None:
-        return "–"
-    return "inf" if x == float("inf") else format(x, spec)
-
-
 def _case_section(case: CaseResult) -> str:
     e = html.escape
     parts = [f"<section id='{e(case.case_id)}'><h3>{e(case.case_id)}</h3>"]
@@ -112,8 +107,8 @@ def _case_section(case: CaseResult) -> str:
         )
         for name, m in case.outputs.items():
             parts.append(
-                f"<tr><td>{e(name)}</td><td class=num>{_num(m['max_abs'])}</td><td class=num>{_num(m['max_rel'])}</td>"
-                f"<td class=num>{m['cosine']:.7f}</td><td class=num>{_num(m['rel_l2'])}</td>"
+                f"<tr><td>{e(name)}</td><td class=num>{num(m['max_abs'])}</td><td class=num>{num(m['max_rel'])}</td>"
+                f"<td class=num>{m['cosine']:.7f}</td><td class=num>{num(m['rel_l2'])}</td>"
                 f"<td class=num>{m['mismatch_fraction']:.2%}</td>"
                 f"<td>{'ok' if m['passed'] else e('FAIL ' + m['reason'])}</td></tr>"
             )
@@ -131,8 +126,8 @@ def _case_section(case: CaseResult) -> str:
         for i, r in enumerate(rows):
             verdict = "FAIL" if _layer_failed(r) else e(str(r.get("status", "ok")))
             parts.append(
-                f"<tr><td>{i}</td><td>{e(_layer_label(r, i))}</td><td class=num>{_num(r.get('max_abs'))}</td>"
-                f"<td class=num>{_num(r.get('max_rel'))}</td><td>{verdict}</td></tr>"
+                f"<tr><td>{i}</td><td>{e(_layer_label(r, i))}</td><td class=num>{num(r.get('max_abs'))}</td>"
+                f"<td class=num>{num(r.get('max_rel'))}</td><td>{verdict}</td></tr>"
             )
         parts.append("</table></details>")
     for note in [case.optimize_summary(), *case.notes]:
@@ -153,8 +148,8 @@ def html_report(report: GateReport) -> str:
         rows.append(
             f"<tr><td><a href='#{e(case.case_id)}'>{e(case.model)}</a></td><td>{e(case.backend)}</td>"
             f"<td>{e(case.precision)}</td><td><span class=badge style='background:{color}'>{e(case.status)}</span></td>"
-            f"<td class=num>{_num(case.max_abs)}</td><td class=num>{_num(case.max_rel)}</td>"
-            f"<td class=num>{_num(p50, '.3f')}</td><td class=num>{case.duration_s:.1f}</td>"
+            f"<td class=num>{num(case.max_abs)}</td><td class=num>{num(case.max_rel)}</td>"
+            f"<td class=num>{num(p50, '.3f')}</td><td class=num>{case.duration_s:.1f}</td>"
             f"<td>{e(case.reason)}</td></tr>"
         )
     details = [_case_section(case) for case in report.cases if case.status != "skipped"]

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from normfold._format import num
 from normfold.gate.cases import CaseResult, describe_divergence
 from normfold.gate.report import GateReport
 from normfold.io import write_text
 
 _ICONS = {"passed": "✅ pass", "failed": "❌ FAIL", "error": "💥 ERROR", "skipped": "⏭️ skipped"}
-
-
-def _num(x: float | None, spec: str = ".3g") -> str:
-    if x is None:
-        return "–"
-    return "inf" if x == float("inf") else format(x, spec)
 
 
 def _cell(text: str) -> str:
@@ -30,10 +25,10 @@ def _row(case: CaseResult) -> str:
         case.backend,
         case.precision,
         _ICONS.get(case.status, case.status),
-        _num(case.max_abs),
-        _num(case.max_rel),
-        _num(case.min_cosine, ".7f"),
-        _num(p50, ".3f"),
+        num(case.max_abs),
+        num(case.max_rel),
+        num(case.min_cosine, ".7f"),
+        num(p50, ".3f"),
         f"{case.duration_s:.1f}",
         reason,
     ]

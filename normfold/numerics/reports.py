@@ -25,6 +25,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from normfold._format import num
 from normfold.errors import UsageError
 from normfold.io import json_text, write_text
 
@@ -84,16 +85,6 @@ def compare_report_json(report: CompareReport) -> str:
 # Shared formatting
 
 
-def _num(x: float | None) -> str:
-    if x is None:
-        return "–"
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf"
-    return f"{x:.3g}"
-
-
 def _shape(shape: tuple[int, ...] | list[int]) -> str:
     return "x".join(map(str, shape)) if shape else "–"
 
@@ -129,7 +120,7 @@ def compare_report_markdown(report: CompareReport) -> str:
         for out_name, m in b.outputs.items():
             v = "pass" if m.passed else f"**FAIL** {_md(m.reason)}"
             lines.append(
-                f"| {name} | {_md(out_name)} | {_shape(m.shape)} | {_num(m.max_abs)} | {_num(m.max_rel)} | "
+                f"| {name} | {_md(out_name)} | {_shape(m.shape)} | {num(m.max_abs)} | {num(m.max_rel)} | "
                 f"{m.cosine:.7f} | {v} |"
             )
     for name, lr in _layer_reports(report):
@@ -164,8 +155,8 @@ def compare_report_markdown(report: CompareReport) -> str:
                 status = f"**{status}**"
             lines.append(
                 f"| {i} | {label} | {_md(layer.module_type)} | {_md(layer.op_type or '–')} | {_shape(layer.shape)} | "
-                f"{_num(layer.max_abs)} | {_num(layer.max_rel)} | "
-                f"{_num(layer.tolerance.atol if layer.tolerance else None)} | {status} |"
+                f"{num(layer.max_abs)} | {num(layer.max_rel)} | "
+                f"{num(layer.tolerance.atol if layer.tolerance else None)} | {status} |"
             )
         lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
@@ -249,10 +240,10 @@ def _layer_row(i: int, layer: LayerResult, first_name: str | None) -> str:
         f"<td>{_e(layer.op_type or '–')}</td>",
         f"<td>{_e(layer.onnx_node or '–')}</td>",
         f"<td>{_e(_shape(layer.shape))}</td>",
-        f'<td class="n">{_e(_num(layer.max_abs))}</td>',
-        f'<td class="n">{_e(_num(layer.max_rel))}</td>',
-        f'<td class="n">{_e(_num(layer.metrics.cosine if layer.metrics is not None else None))}</td>',
-        f'<td class="n">{_e(_num(layer.tolerance.atol if layer.tolerance else None))}</td>',
+        f'<td class="n">{_e(num(layer.max_abs))}</td>',
+        f'<td class="n">{_e(num(layer.max_rel))}</td>',
+        f'<td class="n">{_e(num(layer.metrics.cosine if layer.metrics is not None else None))}</td>',
+        f'<td class="n">{_e(num(layer.tolerance.atol if layer.tolerance else None))}</td>',
         f'<td class="s">{_e(layer.status_text)}</td>',
     ]
     return f'<tr class="{classes}">{"".join(cells)}</tr>'
@@ -280,8 +271,8 @@ def compare_report_html(report: CompareReport) -> str:
             cls = "pass" if m.passed else "fail"
             parts.append(
                 f'<tr class="{cls}"><td>{_e(name)}</td><td>{_e(out_name)}</td><td>{_e(_shape(m.shape))}</td>'
-                f'<td class="n">{_num(m.max_abs)}</td><td class="n">{_num(m.max_rel)}</td>'
-                f'<td class="n">{m.cosine:.7f}</td><td class="n">{_num(m.rel_l2)}</td>'
+                f'<td class="n">{num(m.max_abs)}</td><td class="n">{num(m.max_rel)}</td>'
+                f'<td class="n">{m.cosine:.7f}</td><td class="n">{num(m.rel_l2)}</td>'
                 f'<td class="s">{_e("pass" if m.passed else "FAIL " + m.reason)}</td></tr>'
             )
     parts.append("</table>")
