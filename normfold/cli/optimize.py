@@ -73,8 +73,8 @@ def optimize_cmd(
     allow_weight_copies: bool = typer.Option(
         False, "--allow-weight-copies", help="Fold into shared weights by cloning them (more memory)."
     ),
-    atol: float = typer.Option(1e-5, "--atol", help="Verification absolute tolerance."),
-    rtol: float = typer.Option(1e-4, "--rtol", help="Verification relative tolerance."),
+    atol: float = typer.Option(None, "--atol", help="Verification absolute tolerance (default: fp32's, 1e-5)."),
+    rtol: float = typer.Option(None, "--rtol", help="Verification relative tolerance (default: fp32's, 1e-4)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:
     """Fold BatchNorm/affine chains and fuse norms, verified on ORT CPU; a failing model is never written."""

@@ -83,6 +83,17 @@ class _BatchNormRule(NormfoldPass):
     def _visit(self, graph: ir.Graph, bn: ir.Node) -> bool:
         raise NotImplementedError
 
+    def _affine(self, bn: ir.Node, nodes: tuple[ir.Node, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+        """BN's ``(s, t)``, or None with the skip recorded (site disabled by verification, or BN not foldable)."""
+        if self.site_disabled(bn.name or ""):
+            self.skipped(nodes, "disabled after failing verification")
+            return None
+        affine = bn_affine(bn)
+        if isinstance(affine, str):
+            self.skipped(nodes, affine)
+            return None
+        return affine
+
 
 def _folded_initializers(
     pass_: NormfoldPass,
@@ -126,12 +137,8 @@ class FuseBatchNormIntoConv(_BatchNormRule):
         if y is None or conv is None or conv.op_type not in ("Conv", "ConvTranspose") or conv.domain != "":
             return False
         nodes = (conv, bn)
-        if self.site_disabled(bn.name or ""):
-            self.skipped(nodes, "disabled after failing verification")
-            return False
-        affine = bn_affine(bn)
-        if isinstance(affine, str):
-            self.skipped(nodes, affine)
+        affine = self._affine(bn, nodes)
+        if affine is None:
             return False
         s, t = affine
         if g.sole_consumer(y) is not bn:
@@ -223,12 +230,8 @@ class FuseBatchNormIntoGemm(_BatchNormRule):
         if layer is None:
             return False
         nodes = (layer, *chain, bn)
-        if self.site_disabled(bn.name or ""):
-            self.skipped(nodes, "disabled after failing verification")
-            return False
-        affine = bn_affine(bn)
-        if isinstance(affine, str):
-            self.skipped(nodes, affine)
+        affine = self._affine(bn, nodes)
+        if affine is None:
             return False
         s, t = affine
         # every intermediate value must feed exactly the next node of the chain
@@ -365,8 +368,8 @@ class FuseBatchNormIntoNextConv(_BatchNormRule):
             return False
         conv = convs[0]
         nodes = (bn, conv)
-        if self.site_disabled(bn.name or ""):
-            self.skipped(nodes, "disabled after failing verification")
+        affine = self._affine(bn, nodes)
+        if affine is None:
             return False
         if g.sole_consumer(out) is not conv or conv.inputs[0] is not out:
             self.skipped(nodes, f"BN output '{out.name}' has other consumers besides the Conv input")
@@ -379,10 +382,6 @@ class FuseBatchNormIntoNextConv(_BatchNormRule):
                 f"Conv pads {pads or auto_pad} are non-zero: folding a BN into the following conv is not "
                 "exact at the borders (the zero padding enters after the BN; NORMS.md §5)",
             )
-            return False
-        affine = bn_affine(bn)
-        if isinstance(affine, str):
-            self.skipped(nodes, affine)
             return False
         s, t = affine
         weight = conv.inputs[1]

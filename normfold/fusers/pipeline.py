@@ -36,14 +36,13 @@ from normfold.fusers.report import (
     summarize,
 )
 from normfold.fusers.verify import (
-    DEFAULT_ATOL,
-    DEFAULT_RTOL,
     OrtRunError,
     compare_outputs,
     run_model,
     seeded_feeds,
 )
 from normfold.io import load_onnx, save_onnx
+from normfold.numerics.tolerances import tolerance_for
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +218,8 @@ def optimize(
     verify: bool = True,
     target_opset: int | None = None,
     allow_weight_copies: bool = False,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     seed: int = 0,
 ) -> OptimizeReport:
     """Run the normalization passes on ``src`` and, when ``dst`` is given, write the result atomically.
@@ -239,7 +238,8 @@ def optimize(
         _opset(original),
     )
     base = PassContext(target_opset=target_opset, allow_weight_copies=allow_weight_copies)
-    verifier = _Verifier(proto, atol, rtol, seed) if verify else None
+    tol = tolerance_for("fp32", atol, rtol)  # the project's fp32 defaults unless overridden
+    verifier = _Verifier(proto, tol.atol, tol.rtol, seed) if verify else None
 
     disabled: set[tuple[str, str]] = set()
     disabled_events: list[RuleEvent] = []
@@ -251,8 +251,8 @@ def optimize(
         ok, metrics, error = verifier.check(run.model)
         verification = VerificationReport(
             ok,
-            atol,
-            rtol,
+            tol.atol,
+            tol.rtol,
             seed,
             {k: list(v.shape) for k, v in verifier.feeds.items()},
             metrics,

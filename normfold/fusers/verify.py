@@ -16,15 +16,13 @@ import numpy as np
 
 from normfold.errors import OnnxLoadError
 from normfold.numerics.metrics import TensorMetrics, compare_tensors
-from normfold.numerics.tolerances import DEFAULT_TOLERANCES, Tolerance
+from normfold.numerics.tolerances import Tolerance
 from normfold.runtime.base import SessionOptions
 from normfold.runtime.onnxruntime import create_session, tensor_metas
 from normfold.runtime.run import random_feeds
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ATOL = DEFAULT_TOLERANCES["fp32"].atol
-DEFAULT_RTOL = DEFAULT_TOLERANCES["fp32"].rtol
 _NO_FUSIONS = SessionOptions(graph_optimization_level="disable")
 
 
