@@ -188,13 +188,17 @@ def session_options_for(
     graph_optimization_level: str = "all",
     cuda_graph: bool = False,
     precision: str = "fp32",
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> SessionOptions:
     """The :class:`SessionOptions` one (backend, batch size) is loaded with.
 
     CUDA graphs are only requested from :data:`CUDA_GRAPH_BACKENDS`; they need IO binding (fixed device
     addresses to replay into) and one static shape per session, which a fresh session per batch size
-    provides.
+    provides. ``shapes`` (the feeds' shapes, user ``--input`` sizes included) size the dynamic
+    non-batch axes of TensorRT profiles.
     """
+    from normfold.runtime._gpu_common import dim_values_from_shapes
+
     use_graph = cuda_graph and backend in CUDA_GRAPH_BACKENDS
     return SessionOptions(
         precision=precision,
@@ -204,6 +208,7 @@ def session_options_for(
         io_binding=True,
         cuda_graph=use_graph,
         batch_sizes=(batch_size,),
+        dim_values=dim_values_from_shapes(shapes or {}),
     )
 
 
@@ -446,6 +451,7 @@ def benchmark(
                     inter_op_threads=inter_op_threads,
                     graph_optimization_level=graph_optimization_level,
                     cuda_graph=cuda_graph,
+                    shapes={k: v.shape for k, v in feeds.items()},
                 )
                 load_ms, first_ms, m, copies = _bench_onnx(name, path, feeds, so, schedule)
                 options = {

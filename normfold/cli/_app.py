@@ -62,8 +62,13 @@ def quiet_third_party(verbose: bool = False) -> None:
         "matplotlib",
         "PIL",
         "ray",
+        "Polygraphy",
     ):
         logging.getLogger(noisy).setLevel(level)
+    # Polygraphy prints to stdout unless told to use Python logging: keep --json output clean.
+    from normfold.runtime.probe import route_polygraphy_logging
+
+    route_polygraphy_logging()
 
 
 _handlers: list[logging.Handler] = []

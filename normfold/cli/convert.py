@@ -32,17 +32,21 @@ def convert_cmd(
 ) -> None:
     """Convert to fp16/bf16, keeping LayerNorm/GroupNorm/InstanceNorm, norm statistics and Softmax in fp32."""
     from normfold.errors import UsageError
-    from normfold.fusers.precision import convert_precision
+    from normfold.fusers.precision import convert_precision, validate_fp32_ops
 
     if precision not in ("fp16", "bf16"):
         raise UsageError(f"unknown precision {precision!r}; expected fp16 or bf16")
+    ops = csv(fp32_ops) or None
+    if fp32_ops is not None and not ops:
+        raise UsageError("--fp32-ops is empty; give op types such as LayerNormalization,Softmax")
+    validate_fp32_ops(ops)
     auto = _auto_precision(onnx_path, auto_backend, precision, seed) if auto_backend else None
     report = convert_precision(
         onnx_path,
         output,
         precision=precision,  # type: ignore[arg-type]
         keep_io_types=keep_io_types,
-        fp32_ops=csv(fp32_ops) or None,
+        fp32_ops=ops,
         auto=auto,
     )
     if as_json:
@@ -57,18 +61,23 @@ def convert_cmd(
 
 
 def _auto_precision(onnx_path: Path, backend_name: str, precision: str, seed: int) -> AutoPrecision:
-    """AutoPrecision whose errors come from the GPU backend itself (ORT CPU widens fp16 and would hide them)."""
+    """AutoPrecision whose errors come from the GPU backend's own session (deployed options included;
+    ORT CPU widens fp16 and would hide them)."""
     from normfold.errors import UsageError
-    from normfold.fusers.precision import AutoPrecision, ort_tensor_errors
+    from normfold.fusers.precision import AutoPrecision
     from normfold.io import load_onnx
-    from normfold.runtime.onnxruntime import OrtBackend, create_session, tensor_metas
+    from normfold.runtime._gpu_precision import ort_tensor_errors
+    from normfold.runtime.base import SessionOptions
+    from normfold.runtime.onnxruntime import create_session, tensor_metas
+    from normfold.runtime.onnxruntime_gpu import OrtGpuBackend
     from normfold.runtime.registry import get_backend
     from normfold.runtime.run import random_feeds
 
     backend = get_backend(backend_name)
-    if not isinstance(backend, OrtBackend) or backend.name == "ort-cpu":
+    if not isinstance(backend, OrtGpuBackend):
         raise UsageError(f"--auto needs a GPU ONNX Runtime backend (ort-cuda or ort-trt), got {backend_name!r}")
     backend.ensure_available(precision)
     metas = tensor_metas(create_session(onnx_path, ["CPUExecutionProvider"]).get_inputs())
     feeds = random_feeds(metas, seed=seed, dynamic_dim=1)
-    return AutoPrecision(ort_tensor_errors(load_onnx(onnx_path), feeds, providers=(backend.provider,)))
+    options = SessionOptions(precision=precision)
+    return AutoPrecision(ort_tensor_errors(load_onnx(onnx_path), feeds, backend=backend.name, options=options))

@@ -1,21 +1,28 @@
 """``--norm-export custom``: native norms become TensorRT-plugin custom ops backed by ONNX functions.
 
 Each native node is replaced by a node whose ``op_type`` is the TensorRT plugin name, because
-TensorRT's ONNX parser dispatches plugins by ``op_type`` and ignores the domain (NORMS.md §4):
+TensorRT's ONNX parser dispatches plugins by ``op_type`` and ignores the domain (NORMS.md §4). Field
+names and types are the plugin *creators'* (``PluginField(...)`` in TensorRT's
+``plugin/*/…Plugin.cpp``), not their READMEs: the parser copies only attributes whose names match a
+creator field and merely warns about the rest, so a misspelt field silently runs with its default.
 
-==========================  ==============================  ======================================
-native op                   custom op (domain trt.plugins)   plugin fields (node attributes)
-==========================  ==============================  ======================================
-LayerNormalization          ``LayerNorm``                    epsilon, axis
-GroupNormalization (≥ 21)   ``GroupNormalizationPlugin``     epsilon, num_groups
-InstanceNormalization       ``InstanceNormalization_TRT``    epsilon, scales, bias, relu=0, alpha=0
-==========================  ==============================  ======================================
+==========================  ==============================  =============================================
+native op                   custom op (domain trt.plugins)   creator fields (node attributes)
+==========================  ==============================  =============================================
+GroupNormalization (≥ 21)   ``GroupNormalizationPlugin``     eps: float32, num_groups: int32
+InstanceNormalization       ``InstanceNormalization_TRT``    epsilon: float32, scales: float32[],
+                                                             bias: float32[], relu: int32, alpha: float32
+LayerNormalization          (kept native)                    —
+==========================  ==============================  =============================================
+
+LayerNormalization stays native: TensorRT ships no LayerNorm plugin (none in 10.0–11.1), and its ONNX
+parser imports the native op as an ``INormalizationLayer``, which is what a plugin would have bought.
 
 Every node also carries ``plugin_version`` and ``plugin_namespace``. The domain is ``trt.plugins``
 because ORT's TensorRT EP only hands nodes of that domain to TensorRT plugins (ORT PR #17946).
 
 The math stays in the file: a model-local ONNX function with the same (domain, name) holds the native
-op, its attributes bound by reference (``epsilon = @epsilon``), so ORT CPU or any runtime without the
+op, its attributes bound by reference (``epsilon = @eps``), so ORT CPU or any runtime without the
 plugin runs exactly the original computation. Which one TensorRT picks depends on the parser: current
 onnx-tensorrt imports a node that has a ``plugin_namespace`` attribute as a plugin when that plugin is
 registered (before built-ins and local functions); 10.x parsers prefer a registered plugin over the
@@ -46,12 +53,34 @@ logger = logging.getLogger(__name__)
 
 TRT_PLUGIN_DOMAIN = "trt.plugins"
 PLUGIN_NAMES: dict[str, str] = {
-    "LayerNormalization": "LayerNorm",
     "GroupNormalization": "GroupNormalizationPlugin",
     "InstanceNormalization": "InstanceNormalization_TRT",
 }
-DEFAULT_OPS: tuple[str, ...] = tuple(PLUGIN_NAMES)
 _A = ir.AttributeType
+PLUGIN_FIELDS: dict[str, dict[str, ir.AttributeType]] = {
+    # plugin/groupNormalizationPlugin/groupNormalizationPlugin.cpp: PluginField("eps", kFLOAT32),
+    # PluginField("num_groups", kINT32) — the README's "epsilon" is not read.
+    "GroupNormalizationPlugin": {"eps": _A.FLOAT, "num_groups": _A.INT},
+    # plugin/instanceNormalizationPlugin/instanceNormalizationPlugin.cu(pp): epsilon, scales, bias (kFLOAT32),
+    # relu (kINT32), alpha (kFLOAT32).
+    "InstanceNormalization_TRT": {
+        "epsilon": _A.FLOAT,
+        "scales": _A.FLOATS,
+        "bias": _A.FLOATS,
+        "relu": _A.INT,
+        "alpha": _A.FLOAT,
+    },
+}
+"""Creator fields per plugin; ONNX INT attributes become kINT32 in the parser. Tests check every emitted
+attribute against this table."""
+NATIVE_OPS: dict[str, str] = {
+    "LayerNormalization": (
+        "TensorRT has no LayerNorm plugin; its parser imports native LayerNormalization as an "
+        "INormalizationLayer, so the node stays native"
+    ),
+}
+"""Norms the pass accepts but keeps native, with the reason it reports."""
+DEFAULT_OPS: tuple[str, ...] = (*PLUGIN_NAMES, *NATIVE_OPS)
 
 
 def _attr(node: ir.Node, name: str, default: float | int) -> float | int:
@@ -66,7 +95,7 @@ def _const_array(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
-def _ref(name: str, type_: ir.AttributeType) -> ir.RefAttr:
+def _ref(name: str, type_: ir.AttributeType) -> ir.Attr:
     return ir.RefAttr(name, name, type_)
 
 
@@ -81,20 +110,6 @@ def _function(
     return ir.Function(TRT_PLUGIN_DOMAIN, plugin, graph=graph, attributes=attrs)
 
 
-def _layer_norm_function(opset: int) -> ir.Function:
-    x, scale, bias = ir.Value(name="X"), ir.Value(name="Scale"), ir.Value(name="B")
-    y = ir.Value(name="Y")
-    node = ir.Node(
-        "",
-        "LayerNormalization",
-        [x, scale, bias],
-        [_ref("axis", _A.INT), _ref("epsilon", _A.FLOAT)],
-        outputs=[y],
-    )
-    attrs = [ir.AttrFloat32("epsilon", 1e-5), ir.AttrInt64("axis", -1), *_plugin_attrs("1", "")]
-    return _function("LayerNorm", [node], [x, scale, bias], y, attrs, opset)
-
-
 def _group_norm_function(opset: int) -> ir.Function:
     x, scale, bias = ir.Value(name="X"), ir.Value(name="scale"), ir.Value(name="bias")
     y = ir.Value(name="Y")
@@ -102,10 +117,10 @@ def _group_norm_function(opset: int) -> ir.Function:
         "",
         "GroupNormalization",
         [x, scale, bias],
-        [_ref("epsilon", _A.FLOAT), _ref("num_groups", _A.INT)],
+        [ir.RefAttr("epsilon", "eps", _A.FLOAT), _ref("num_groups", _A.INT)],
         outputs=[y],
     )
-    attrs = [ir.AttrFloat32("epsilon", 1e-5), ir.AttrInt64("num_groups", 1), *_plugin_attrs("1", "")]
+    attrs = [ir.AttrFloat32("eps", 1e-5), ir.AttrInt64("num_groups", 1), *_plugin_attrs("1", "")]
     return _function("GroupNormalizationPlugin", [node], [x, scale, bias], y, attrs, opset)
 
 
@@ -129,7 +144,6 @@ def _instance_norm_function(opset: int) -> ir.Function:
 
 
 _FUNCTIONS = {
-    "LayerNormalization": _layer_norm_function,
     "GroupNormalization": _group_norm_function,
     "InstanceNormalization": _instance_norm_function,
 }
@@ -153,9 +167,9 @@ class CustomNormPass(NormfoldPass):
         plugin_namespace: str = "",
     ) -> None:
         super().__init__(ctx)
-        unknown = sorted(set(ops) - set(PLUGIN_NAMES))
+        unknown = sorted(set(ops) - set(DEFAULT_OPS))
         if unknown:
-            raise ExportError(f"no TensorRT plugin mapping for {unknown}; supported: {sorted(PLUGIN_NAMES)}")
+            raise ExportError(f"no TensorRT plugin mapping for {unknown}; supported: {sorted(DEFAULT_OPS)}")
         self.ops = frozenset(ops)
         self.plugin_version = plugin_version
         self.plugin_namespace = plugin_namespace
@@ -167,7 +181,7 @@ class CustomNormPass(NormfoldPass):
         for node in list(graph):
             if node.domain or node.op_type not in self.ops:
                 continue
-            reason = self._reason_to_skip(node, opset)
+            reason = NATIVE_OPS.get(node.op_type) or self._reason_to_skip(node, opset)
             if reason:
                 self.skipped([node], reason)
                 continue
@@ -197,24 +211,13 @@ class CustomNormPass(NormfoldPass):
 
     def _replace(self, graph: ir.Graph, node: ir.Node) -> None:
         plugin = PLUGIN_NAMES[node.op_type]
-        attrs: list[ir.Attr] = [ir.AttrFloat32("epsilon", float(_attr(node, "epsilon", 1e-5)))]
+        eps = float(_attr(node, "epsilon", 1e-5))
         inputs: list[ir.Value | None] = list(node.inputs)
-        if node.op_type == "LayerNormalization":
-            attrs.append(ir.AttrInt64("axis", int(_attr(node, "axis", -1))))
-            if len(inputs) < 3 or inputs[2] is None:
-                scale = inputs[1]
-                const = _const_array(scale)
-                if scale is None or const is None:
-                    self.skipped([node], "LayerNormalization without bias and a non-constant scale")
-                    return
-                zeros = ir.Value(name=f"{node.name or 'ln'}_zero_bias", shape=scale.shape)
-                zeros.const_value = ir.tensor(np.zeros_like(const), name=zeros.name)
-                zeros.dtype = scale.dtype
-                graph.register_initializer(zeros)
-                inputs = [inputs[0], scale, zeros]
-        elif node.op_type == "GroupNormalization":
-            attrs.append(ir.AttrInt64("num_groups", int(_attr(node, "num_groups", 1))))
+        attrs: list[ir.Attr]
+        if node.op_type == "GroupNormalization":
+            attrs = [ir.AttrFloat32("eps", eps), ir.AttrInt64("num_groups", int(_attr(node, "num_groups", 1)))]
         else:
+            attrs = [ir.AttrFloat32("epsilon", eps)]
             scales = _const_array(inputs[1])
             bias = _const_array(inputs[2])
             if scales is None or bias is None:  # _reason_to_skip checked this; keep the node if it changed
@@ -245,8 +248,9 @@ class CustomNormPass(NormfoldPass):
         params = list(node.inputs[1:])
         graph.remove(node, safe=True)
         for value in params:  # IN scale/bias now live in the node's fields
-            unused = value is not None and value.is_initializer() and not value.uses()
-            if unused and not value.is_graph_input() and not value.is_graph_output() and value.name:
+            if value is None or not value.is_initializer() or value.uses():
+                continue
+            if not value.is_graph_input() and not value.is_graph_output() and value.name:
                 del graph.initializers[value.name]
         self.applied([replacement], f"{node.op_type} → {TRT_PLUGIN_DOMAIN}::{plugin}")
 
@@ -284,7 +288,7 @@ def to_custom_norms(
     if isinstance(src, onnx.ModelProto):
         proto = src
     else:
-        proto = load_onnx(src)
+        proto = load_onnx(Path(src))
     try:
         onnx.checker.check_model(proto, full_check=True)
         source_valid = True
@@ -305,7 +309,7 @@ def to_custom_norms(
         if node.domain == TRT_PLUGIN_DOMAIN:
             replaced[node.op_type] = replaced.get(node.op_type, 0) + 1
     for event in ctx.events:
-        if event.status == "skipped":
+        if event.status == "skipped" and event.reason not in NATIVE_OPS.values():
             logger.warning("custom norms: kept native %s: %s", ",".join(event.nodes), event.reason)
     path = None
     if dst is not None:

@@ -19,8 +19,9 @@ import numpy as np
 
 from normfold.errors import BackendUnavailableError, InputSpecError
 
-Precision = Literal["fp32", "fp16", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+Precision = Literal["fp32", "tf32", "fp16", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16")
+"""``tf32``: fp32 tensors, TF32 matmul/conv math (GPU backends only; its own tolerances)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class SessionOptions:
     cuda_graph: bool = False
     cache_dir: Path | None = None
     batch_sizes: tuple[int, ...] = ()
+    #: Sizes of dynamic non-batch axes for TensorRT profiles, by symbolic name or ``"input:axis"``.
+    dim_values: dict[str, int] = field(default_factory=dict)
     extra_outputs: tuple[str, ...] = ()
 
 

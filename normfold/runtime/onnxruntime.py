@@ -1,4 +1,5 @@
-"""ONNX Runtime backends. ``ort-cpu`` lives here; the GPU providers subclass :class:`OrtBackend`.
+"""ONNX Runtime backends. ``ort-cpu`` lives here; the GPU providers (:mod:`normfold.runtime.onnxruntime_gpu`)
+subclass :class:`OrtBackend`.
 
 ``onnxruntime`` is imported lazily so that a broken GPU stack never breaks ``import normfold``.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -67,8 +69,13 @@ def create_session(
     model: str | Path | bytes,
     providers: list[str] | list[tuple[str, dict[str, Any]]],
     options: SessionOptions | None = None,
+    *,
+    configure: Callable[[Any], None] | None = None,
 ) -> Any:
-    """Create an ``InferenceSession``; ORT's own load errors become :class:`OnnxLoadError`."""
+    """Create an ``InferenceSession``; ORT's own load errors become :class:`OnnxLoadError`.
+
+    ``configure`` may adjust the ``onnxruntime.SessionOptions`` first (e.g. turn on profiling).
+    """
     import onnxruntime as ort
 
     opts = options or SessionOptions()
@@ -77,7 +84,10 @@ def create_session(
         raise OnnxLoadError(f"ONNX file not found: {src}")
     with capture_native_stderr() as native, contextlib.redirect_stdout(io.StringIO()):
         try:
-            return ort.InferenceSession(src, sess_options=make_session_options(opts), providers=providers)
+            so = make_session_options(opts)
+            if configure is not None:
+                configure(so)
+            return ort.InferenceSession(src, sess_options=so, providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             where = f"{src}" if isinstance(src, str) else "model"
@@ -145,18 +155,4 @@ class OrtCpuBackend(OrtBackend):
     name = "ort-cpu"
     description = "ONNX Runtime, CPU execution provider"
     provider = "CPUExecutionProvider"
-    precisions = ("fp32", "fp16", "bf16")
-
-
-class OrtCudaBackend(OrtBackend):
-    name = "ort-cuda"
-    description = "ONNX Runtime, CUDA execution provider"
-    provider = "CUDAExecutionProvider"
-    precisions = ("fp32", "fp16", "bf16")
-
-
-class OrtTensorrtBackend(OrtBackend):
-    name = "ort-trt"
-    description = "ONNX Runtime, TensorRT execution provider"
-    provider = "TensorrtExecutionProvider"
     precisions = ("fp32", "fp16", "bf16")

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
+import importlib.util
 import io
+import logging
 import os
 import re
 import shutil
@@ -20,6 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+INSTALL_HINT = "pip install 'normfold[tensorrt]'"
+ORT_TRT_MAJOR = 10
+"""TensorRT major version onnxruntime-gpu 1.31's TensorRT EP links (``libnvinfer.so.10``)."""
 
 
 @contextlib.contextmanager
@@ -124,4 +131,72 @@ def ort_provider_reason(provider: str) -> str | None:
         return None
     detail = error or _loader_message(lines)
     prefix = f"{no_gpu}; " if no_gpu else ""
-    return f"{prefix}onnxruntime lists {provider} but creating a session with it failed: {detail}"
+    hint = nvinfer_hint(detail, installed_version("tensorrt"))
+    return f"{prefix}onnxruntime lists {provider} but creating a session with it failed: {detail}{hint}"
+
+
+def installed_version(dist: str) -> str | None:
+    """The installed version of a distribution, or None (never imports it)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def nvinfer_hint(message: str, tensorrt_version: str | None) -> str:
+    """When the loader could not open ``libnvinfer.so.N``: which TensorRT the EP wants and what is installed.
+
+    ``pip install tensorrt`` alone gives 11.x, whose ``libnvinfer.so.11`` the EP (linked against
+    ``.so.10``) does not load: say so instead of leaving a bare dlopen error.
+    """
+    found = re.search(r"libnvinfer\S*\.so\.(\d+)", message)
+    if not found:
+        return ""
+    want = found.group(1)
+    have = f"installed tensorrt is {tensorrt_version}" if tensorrt_version else "tensorrt is not installed"
+    fix = f"pip install 'tensorrt-cu12=={want}.*'"
+    return f" (the TensorRT EP needs TensorRT {want}.x, libnvinfer.so.{want}; {have}: {fix})"
+
+
+def route_polygraphy_logging() -> None:
+    """Polygraphy prints its log (and a "colored module is not installed" note) to stdout, which would
+    corrupt ``--json`` output: send it through Python logging (logger ``"Polygraphy"``) instead."""
+    if importlib.util.find_spec("polygraphy") is None:
+        return
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.colors = False  # its colour check prints to stdout when `colored` is missing
+    G_LOGGER.use_python_logging_system = True
+    logging.getLogger("Polygraphy").propagate = True
+
+
+def cudart_reason() -> str | None:
+    """None when Polygraphy can load the CUDA runtime it calls at activation (``libcudart.so*``)."""
+    route_polygraphy_logging()
+    try:
+        from polygraphy import cuda
+
+        cuda.wrapper()
+    except Exception as e:  # OSError from ctypes.CDLL, or Polygraphy's own error
+        return (
+            f"Polygraphy cannot load the CUDA runtime (libcudart.so*): {type(e).__name__}: {e}; "
+            "pip install nvidia-cuda-runtime-cu12 or put libcudart on LD_LIBRARY_PATH"
+        )
+    return None
+
+
+def tensorrt_reason() -> str | None:
+    """None when tensorrt and polygraphy import, libcudart loads and a GPU is visible; else exactly why."""
+    missing = [m for m in ("tensorrt", "polygraphy") if importlib.util.find_spec(m) is None]
+    no_gpu = gpu_reason()
+    if missing:
+        why = f"{' and '.join(missing)} not installed ({INSTALL_HINT})"
+        return f"{no_gpu}; {why}" if no_gpu else why
+    if no_gpu:
+        return no_gpu
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as e:  # a broken install raises ImportError or OSError from the loader
+        version = installed_version("tensorrt")
+        return f"tensorrt {version} is installed but failed to import: {type(e).__name__}: {e}"
+    return cudart_reason()

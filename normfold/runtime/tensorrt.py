@@ -2,15 +2,13 @@
 
 Engine build, the only GPU-bound part, is Polygraphy's loader chain::
 
-    NetworkFromOnnxPath(path, strongly_typed=...)  →  CreateConfig(profiles=..., fp16/bf16=...)
+    NetworkFromOnnxPath(path, strongly_typed=...)  →  CreateConfig(profiles=..., tf32/fp16/bf16=...)
         →  EngineBytesFromNetwork(network, config)  →  cache file  →  EngineFromBytes  →  TrtRunner
 
 Everything around it is pure and tested on CPU:
 
-* :func:`onnx_input_shapes` reads the graph inputs' dims (ints, or the symbolic name / None of a dynamic
-  axis);
-* :func:`build_profiles` turns them into optimization profiles whose dynamic batch dim spans the
-  requested batch sizes (min = smallest, opt = max = largest; or one exact profile per size);
+* profiles come from the declared batch sizes and ``dim_values``, or from the first feed
+  (:mod:`normfold.runtime._gpu_common`); :func:`create_config_kwargs` maps precision to builder flags;
 * :func:`needs_strongly_typed` decides the network flag: TensorRT 11 removed weak typing (and the
   FP16 builder flag); for fp16/bf16 normfold converts the ONNX itself with fp32 norm islands
   (:mod:`normfold.fusers.precision`), so the network is strongly typed there on any version;
@@ -21,7 +19,6 @@ Everything around it is pure and tested on CPU:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -31,111 +28,33 @@ from typing import Any
 
 import numpy as np
 
-from normfold.errors import BackendUnavailableError, InputSpecError, OnnxLoadError, UsageError
+from normfold.errors import BackendUnavailableError, UsageError
 from normfold.io import write_bytes
+from normfold.runtime._gpu_common import (
+    DEFAULT_CACHE_DIR,
+    Profile,
+    build_profiles,
+    converted_model,
+    covers,
+    is_dynamic,
+    onnx_input_shapes,
+    profile_for_feeds,
+    widen_profile,
+)
 from normfold.runtime.base import Backend, Runner, SessionOptions, TensorMeta
-from normfold.runtime.probe import gpu_name, gpu_reason
+from normfold.runtime.probe import INSTALL_HINT, gpu_name, route_polygraphy_logging, tensorrt_reason
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'normfold[tensorrt]'"
-
-Dim = int | str | None
-ShapeSpec = tuple[Dim, ...]
-Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
-"""input name → (min, opt, max) shapes."""
-
-
-def tensorrt_reason() -> str | None:
-    """None when tensorrt and polygraphy import and a GPU is visible; else why not."""
-    missing = [m for m in ("tensorrt", "polygraphy") if importlib.util.find_spec(m) is None]
-    no_gpu = gpu_reason()
-    if missing:
-        why = f"{' and '.join(missing)} not installed ({INSTALL_HINT})"
-        return f"{no_gpu}; {why}" if no_gpu else why
-    if no_gpu:
-        return no_gpu
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as e:  # a broken install raises ImportError or OSError from the loader
-        return f"tensorrt is installed but failed to import: {type(e).__name__}: {e}"
-    return None
-
-
-def onnx_input_shapes(onnx_path: str | Path) -> dict[str, ShapeSpec]:
-    """Graph inputs (initializers excluded) → dims: int, symbolic name, or None when unnamed and unknown."""
-    import onnx
-
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as e:  # DecodeError, OSError
-        raise OnnxLoadError(f"could not read {str(onnx_path)!r} as an ONNX model: {e}") from e
-    initializers = {t.name for t in model.graph.initializer}
-    shapes: dict[str, ShapeSpec] = {}
-    for vi in model.graph.input:
-        if vi.name in initializers:
-            continue
-        dims: list[Dim] = []
-        for d in vi.type.tensor_type.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            else:
-                dims.append(d.dim_param or None)
-        shapes[vi.name] = tuple(dims)
-    return shapes
-
-
-def build_profiles(
-    input_shapes: Mapping[str, ShapeSpec],
-    batch_sizes: Sequence[int],
-    *,
-    dim_values: Mapping[str, int] | None = None,
-    per_batch: bool = False,
-) -> list[Profile]:
-    """Optimization profiles for the dynamic axes of ``input_shapes``.
-
-    The first dim of an input, when dynamic, is the batch: min = smallest requested batch, opt = max =
-    largest (throughput is tuned for the largest batch), or with ``per_batch`` one exact profile per
-    size. Any other dynamic dim must be fixed through ``dim_values`` (keyed by the symbolic name, or by
-    ``"input:axis"``), else the error names it. Static inputs appear in no profile; a model without
-    dynamic axes gets ``[{}]`` (one implicit profile).
-    """
-    if not batch_sizes or any(b < 1 for b in batch_sizes):
-        raise UsageError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
-    values = dict(dim_values or {})
-    sizes = sorted(set(batch_sizes))
-    fixed: dict[str, list[int | None]] = {}
-    for name, shape in input_shapes.items():
-        if all(isinstance(d, int) for d in shape):
-            continue
-        resolved: list[int | None] = []
-        for axis, d in enumerate(shape):
-            if isinstance(d, int):
-                resolved.append(d)
-            elif axis == 0:
-                resolved.append(None)  # the batch axis
-            elif d is not None and d in values:
-                resolved.append(int(values[d]))
-            elif f"{name}:{axis}" in values:
-                resolved.append(int(values[f"{name}:{axis}"]))
-            else:
-                raise InputSpecError(
-                    f"input {name!r} axis {axis} is dynamic ({d or 'unnamed'}) and not the batch axis; "
-                    f"give its size (dim_values={{{(d or f'{name}:{axis}')!r}: N}}, CLI: --input)"
-                )
-        fixed[name] = resolved
-
-    def shape_for(resolved: list[int | None], batch: int) -> tuple[int, ...]:
-        return tuple(batch if d is None else d for d in resolved)
-
-    if not fixed:
-        return [{}]
-    groups = [[b] for b in sizes] if per_batch else [sizes]
-    profiles: list[Profile] = []
-    for group in groups:
-        lo, hi = group[0], group[-1]
-        profiles.append({n: (shape_for(r, lo), shape_for(r, hi), shape_for(r, hi)) for n, r in fixed.items()})
-    return profiles
+__all__ = [
+    "INSTALL_HINT",
+    "EngineBuild",
+    "TensorrtBackend",
+    "build_engine",
+    "engine_cache_key",
+    "needs_strongly_typed",
+    "tensorrt_reason",
+]
 
 
 def trt_major(version: str) -> int:
@@ -218,22 +137,29 @@ def build_engine(
     *,
     engine_path: str | Path | None = None,
     strongly_typed: bool | None = None,
+    profiles: Sequence[Profile] | None = None,
 ) -> EngineBuild:
-    """Build (or reuse from the cache) a serialized engine for ``onnx_path``; needs a GPU and TensorRT."""
+    """Build (or reuse from the cache) a serialized engine for ``onnx_path``; needs a GPU and TensorRT.
+
+    ``profiles`` default to :func:`build_profiles` over ``options.batch_sizes`` (and ``dim_values``);
+    a dynamic model without batch sizes needs explicit ``profiles`` (the ``trt`` runner passes the
+    shapes of its first feed), never an assumed batch of 1. ``fp32`` clears TensorRT's default TF32
+    flag; ``tf32`` sets it.
+    """
     reason = tensorrt_reason()
     if reason is not None:
         raise BackendUnavailableError(f"backend 'trt' cannot run here: {reason}")
+    route_polygraphy_logging()
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
-    from polygraphy.backend.trt import Profile as PolyProfile
-
-    from normfold.runtime.onnxruntime_gpu import DEFAULT_CACHE_DIR, converted_model
 
     opts = options or SessionOptions()
     cache_dir = opts.cache_dir or DEFAULT_CACHE_DIR
     model = converted_model(Path(onnx_path), opts.precision, cache_dir)
     typed = needs_strongly_typed(trt.__version__, opts.precision, strongly_typed)
-    profiles = build_profiles(onnx_input_shapes(model), opts.batch_sizes or (1,))
+    if profiles is None:
+        profiles = engine_profiles(onnx_input_shapes(model), opts)
+    profiles = list(profiles)
     key = engine_cache_key(
         sha256_file(model),
         trt.__version__,
@@ -246,6 +172,34 @@ def build_engine(
     if target.exists() and target.stat().st_size > 0:
         log.info("reusing TensorRT engine %s", target)
         return EngineBuild(target, key, True, typed, profiles, model)
+    config_kwargs = create_config_kwargs(opts.precision, typed, profiles)
+    network = NetworkFromOnnxPath(str(model), strongly_typed=typed)
+    log.info("building TensorRT %s engine for %s (strongly_typed=%s)", trt.__version__, model, typed)
+    data = EngineBytesFromNetwork(network, config=CreateConfig(**config_kwargs))()
+    write_bytes(target, bytes(data))
+    return EngineBuild(target, key, False, typed, profiles, model)
+
+
+def engine_profiles(input_shapes: Mapping[str, Any], options: SessionOptions) -> list[Profile]:
+    """Profiles declared by ``options``: static model → ``[{}]``; dynamic needs ``batch_sizes``."""
+    if not is_dynamic(input_shapes):
+        return [{}]
+    if not options.batch_sizes:
+        raise UsageError(
+            "the model has dynamic axes and no batch sizes were given: pass SessionOptions.batch_sizes "
+            "(and dim_values for non-batch axes), or let the trt runner size the engine from its first feed"
+        )
+    return build_profiles(input_shapes, options.batch_sizes, dim_values=options.dim_values)
+
+
+def create_config_kwargs(precision: str, strongly_typed: bool, profiles: Sequence[Profile]) -> dict[str, Any]:
+    """Keyword arguments for Polygraphy's ``CreateConfig`` (pure; checked on CPU against its signature).
+
+    ``tf32`` is explicit: Polygraphy clears TensorRT's default TF32 flag unless asked, so ``fp32`` is
+    fp32. fp16/bf16 builder flags only mean something on weakly typed networks (TensorRT ≤ 10).
+    """
+    from polygraphy.backend.trt import Profile as PolyProfile
+
     poly_profiles = []
     for profile in profiles:
         if not profile:
@@ -254,14 +208,10 @@ def build_engine(
         for name, (lo, opt, hi) in profile.items():
             p.add(name, min=lo, opt=opt, max=hi)
         poly_profiles.append(p)
-    config_kwargs: dict[str, Any] = {"profiles": poly_profiles or None}
-    if not typed:  # precision flags only mean something on weakly typed networks (TensorRT ≤ 10)
-        config_kwargs.update(fp16=opts.precision == "fp16", bf16=opts.precision == "bf16")
-    network = NetworkFromOnnxPath(str(model), strongly_typed=typed)
-    log.info("building TensorRT %s engine for %s (strongly_typed=%s)", trt.__version__, model, typed)
-    data = EngineBytesFromNetwork(network, config=CreateConfig(**config_kwargs))()
-    write_bytes(target, bytes(data))
-    return EngineBuild(target, key, False, typed, profiles, model)
+    kwargs: dict[str, Any] = {"profiles": poly_profiles or None, "tf32": precision == "tf32"}
+    if not strongly_typed:
+        kwargs.update(fp16=precision == "fp16", bf16=precision == "bf16")
+    return kwargs
 
 
 _TRT_NP: dict[str, np.dtype] = {
@@ -276,20 +226,59 @@ _TRT_NP: dict[str, np.dtype] = {
 
 
 class TrtEngineRunner(Runner):
-    """Polygraphy's TrtRunner around a deserialized engine; outputs are copied to host numpy arrays."""
+    """Polygraphy's TrtRunner around an engine whose profile covers the shapes it is fed.
+
+    With ``build`` None (a dynamic model loaded without batch sizes) the engine is built on the first
+    ``infer`` for exactly the fed shapes; a later feed outside the profile rebuilds it with the profile
+    widened to cover both (:func:`widen_profile`), so a batch-2 compare never meets a batch-1 engine.
+    Outputs are copied out of Polygraphy's reusable host buffers, which the next call overwrites.
+    """
 
     copies_included = True
 
-    def __init__(self, runner: Any, inputs: list[TensorMeta], outputs: list[TensorMeta], build: EngineBuild) -> None:
+    def __init__(
+        self,
+        inputs: list[TensorMeta],
+        outputs: list[TensorMeta],
+        onnx_path: Path,
+        options: SessionOptions,
+        build: EngineBuild | None = None,
+    ) -> None:
         super().__init__(inputs, outputs)
         self.backend = "trt"
-        self.runner = runner
+        self.onnx_path = onnx_path
+        self.options = options
+        self.build: EngineBuild | None = None
+        self.runner: Any = None
+        self.rebuilds = 0
+        if build is not None:
+            self._activate(build)
+
+    def _activate(self, build: EngineBuild) -> None:
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        self.close()
         self.build = build
+        self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(build.path))), name="normfold-trt")
         self.runner.activate()
 
+    def _ensure_engine(self, feeds: Mapping[str, np.ndarray]) -> None:
+        shapes = {n: tuple(a.shape) for n, a in feeds.items()}
+        if self.build is not None and covers(self.build.profiles, shapes):
+            return
+        if self.build is None:
+            profile = profile_for_feeds(onnx_input_shapes(self.onnx_path), shapes)
+        else:
+            profile = widen_profile(self.build.profiles[-1], shapes)
+            self.rebuilds += 1
+            log.info("feed shapes %s fall outside the engine's profile; rebuilding it", shapes)
+        self._activate(build_engine(self.onnx_path, self.options, profiles=[profile]))
+
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._ensure_engine(feeds)
         out = self.runner.infer(feeds, copy_outputs_to_host=True)
-        return {name: np.asarray(out[name]) for name in self.output_names}
+        return {name: np.array(out[name], copy=True) for name in self.output_names}
 
     def close(self) -> None:
         if self.runner is not None and self.runner.is_active:
@@ -319,7 +308,7 @@ def _metas(onnx_path: Path) -> tuple[list[TensorMeta], list[TensorMeta]]:
 class TensorrtBackend(Backend):
     name = "trt"
     description = "native TensorRT engine built through Polygraphy"
-    precisions = ("fp32", "fp16", "bf16")
+    precisions = ("fp32", "tf32", "fp16", "bf16")
 
     def probe(self) -> str | None:
         return tensorrt_reason()
@@ -327,10 +316,9 @@ class TensorrtBackend(Backend):
     def load(self, onnx_path: str | Path, options: SessionOptions | None = None) -> Runner:
         opts = options or SessionOptions()
         self.ensure_available(opts.precision)
-        from polygraphy.backend.common import BytesFromPath
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-        build = build_engine(onnx_path, opts)
-        inputs, outputs = _metas(build.onnx_path)
-        runner = TrtRunner(EngineFromBytes(BytesFromPath(str(build.path))), name="normfold-trt")
-        return TrtEngineRunner(runner, inputs, outputs, build)
+        path = Path(onnx_path)
+        shapes = onnx_input_shapes(path)
+        declared = not is_dynamic(shapes) or bool(opts.batch_sizes)
+        build = build_engine(path, opts) if declared else None
+        inputs, outputs = _metas(build.onnx_path if build else path)
+        return TrtEngineRunner(inputs, outputs, path, opts, build)

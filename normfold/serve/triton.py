@@ -210,9 +210,12 @@ def render_config(
     lines += ["instance_group [", "  {", f"    count: {instances}", f"    kind: KIND_{kind.upper()}"]
     lines += ["  }", "]"]
     if trt_accelerator:
-        # Only precision_mode: an engine cache without trt_engine_cache_path would land in the server's
-        # working directory, which is often read-only in the container.
-        params = [("precision_mode", "FP16" if fp16 else "FP32")]
+        # The same option builder the verified ort-trt run used (fp16 → trt_layer_norm_fp32_fallback, …),
+        # minus host cache paths: an engine cache would land in the server's working directory.
+        from normfold.runtime.base import SessionOptions
+        from normfold.runtime.onnxruntime_gpu import triton_trt_parameters
+
+        params = triton_trt_parameters(SessionOptions(precision="fp16" if fp16 else "fp32"))
         lines += [
             "optimization {",
             "  execution_accelerators {",

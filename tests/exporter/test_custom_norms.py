@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from normfold.exporter.custom_norms import TRT_PLUGIN_DOMAIN, to_custom_norms
+from normfold.exporter.custom_norms import PLUGIN_FIELDS, TRT_PLUGIN_DOMAIN, to_custom_norms
 
 RNG = np.random.default_rng(0)
 W = {name: RNG.standard_normal(n).astype(np.float32) for name, n in [("gs", 8), ("gb", 8), ("is", 8), ("ib", 8)]}
@@ -55,17 +55,15 @@ def test_custom_ops_match_native_and_eager(tmp_path: Path) -> None:
     report = to_custom_norms(native, tmp_path / "custom.onnx")
     custom = onnx.load(str(tmp_path / "custom.onnx"))
     onnx.checker.check_model(custom, full_check=True)
-    assert report.replaced == {"GroupNormalizationPlugin": 1, "InstanceNormalization_TRT": 1, "LayerNorm": 1}
-    assert {n.op_type for n in custom.graph.node} == {
-        "GroupNormalizationPlugin",
-        "InstanceNormalization_TRT",
-        "LayerNorm",
-    }
-    assert all(n.domain == TRT_PLUGIN_DOMAIN for n in custom.graph.node)
+    assert report.replaced == {"GroupNormalizationPlugin": 1, "InstanceNormalization_TRT": 1}
+    assert [(n.domain, n.op_type) for n in custom.graph.node] == [
+        (TRT_PLUGIN_DOMAIN, "GroupNormalizationPlugin"),
+        (TRT_PLUGIN_DOMAIN, "InstanceNormalization_TRT"),
+        ("", "LayerNormalization"),  # TensorRT has no LayerNorm plugin: native → INormalizationLayer
+    ]
     assert {(f.domain, f.name) for f in custom.functions} == {
         (TRT_PLUGIN_DOMAIN, "GroupNormalizationPlugin"),
         (TRT_PLUGIN_DOMAIN, "InstanceNormalization_TRT"),
-        (TRT_PLUGIN_DOMAIN, "LayerNorm"),
     }
     assert {i.domain: i.version for i in custom.opset_import}[TRT_PLUGIN_DOMAIN] == 1
     assert {t.name for t in custom.graph.initializer} == {"gs", "gb", "ls", "lb"}  # IN params moved to fields
@@ -82,12 +80,11 @@ def test_custom_ops_match_native_and_eager(tmp_path: Path) -> None:
 
 def test_plugin_fields_and_versions() -> None:
     custom = to_custom_norms(_norm_chain(), plugin_version="2", plugin_namespace="acme").model
-    nodes = {n.op_type: _attrs(n) for n in custom.graph.node}
+    nodes = {n.op_type: _attrs(n) for n in custom.graph.node if n.domain == TRT_PLUGIN_DOMAIN}
     for attrs in nodes.values():
         assert attrs["plugin_version"] == b"2" and attrs["plugin_namespace"] == b"acme"
     assert nodes["GroupNormalizationPlugin"]["num_groups"] == 2
-    assert nodes["GroupNormalizationPlugin"]["epsilon"] == pytest.approx(1e-4)
-    assert nodes["LayerNorm"]["axis"] == -1 and nodes["LayerNorm"]["epsilon"] == pytest.approx(1e-5)
+    assert nodes["GroupNormalizationPlugin"]["eps"] == pytest.approx(1e-4)
     inorm = nodes["InstanceNormalization_TRT"]
     np.testing.assert_allclose(inorm["scales"], W["is"], rtol=1e-7)
     np.testing.assert_allclose(inorm["bias"], W["ib"], rtol=1e-7)
@@ -96,22 +93,58 @@ def test_plugin_fields_and_versions() -> None:
     assert list(in_node.input) == ["g"]
 
 
-def test_layernorm_without_bias_gets_zero_bias() -> None:
-    native = _norm_chain(ln_bias=False)
-    custom = to_custom_norms(native, ops=("LayerNormalization",)).model
-    ln = next(n for n in custom.graph.node if n.op_type == "LayerNorm")
-    assert len(ln.input) == 3
-    bias = next(t for t in custom.graph.initializer if t.name == ln.input[2])
-    assert not numpy_helper.to_array(bias).any()
-    assert [n.op_type for n in custom.graph.node][:2] == ["GroupNormalization", "InstanceNormalization"]
+_ONNX_TYPES = {
+    onnx.AttributeProto.FLOAT: "FLOAT",
+    onnx.AttributeProto.INT: "INT",
+    onnx.AttributeProto.FLOATS: "FLOATS",
+}
+
+
+def test_every_plugin_attribute_is_a_creator_field_of_the_right_type() -> None:
+    """The parser silently drops attributes that are not creator fields (GN once wrote ``epsilon``)."""
+    custom = to_custom_norms(_norm_chain()).model
+    for node in custom.graph.node:
+        if node.domain != TRT_PLUGIN_DOMAIN:
+            continue
+        fields = {k: v.name for k, v in PLUGIN_FIELDS[node.op_type].items()}
+        got = {a.name: _ONNX_TYPES.get(a.type, str(a.type)) for a in node.attribute}
+        got.pop("plugin_version"), got.pop("plugin_namespace")
+        assert got == fields, node.op_type
+    fn = {f.name: f for f in custom.functions}["GroupNormalizationPlugin"]
+    names = set(fn.attribute) | {a.name for a in fn.attribute_proto}
+    assert {"eps", "num_groups"} <= names and "epsilon" not in names
+
+
+def test_group_norm_eps_far_from_default_survives(tmp_path: Path) -> None:
+    """eps = 0.5 (not 1e-5) reaches the GN function body through the ``eps`` field: ORT CPU agrees with native."""
+    native = _norm_chain()
+    for node in native.graph.node:
+        for attr in node.attribute:
+            if attr.name == "epsilon":
+                attr.f = 0.5
+    custom = to_custom_norms(native).model
+    gn = next(n for n in custom.graph.node if n.op_type == "GroupNormalizationPlugin")
+    assert _attrs(gn)["eps"] == pytest.approx(0.5)
     x = RNG.standard_normal((2, 8, 5, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(custom, x), _run(native, x), atol=1e-5, rtol=0)
+    default_eps = to_custom_norms(_norm_chain()).model
+    assert not np.allclose(_run(custom, x), _run(default_eps, x), atol=1e-3)
+
+
+def test_layernorm_is_kept_native_with_the_reason() -> None:
+    native = _norm_chain(ln_bias=False)
+    report = to_custom_norms(native, ops=("LayerNormalization",))
+    assert report.replaced == {}
+    (event,) = report.events
+    assert event.status == "skipped" and "no LayerNorm plugin" in event.reason
+    assert report.model is not None
+    assert [n.op_type for n in report.model.graph.node] == [n.op_type for n in native.graph.node]
 
 
 def test_skips_say_why() -> None:
     report = to_custom_norms(_norm_chain(ln_stats=True))
     reasons = {e.nodes[0]: e.reason for e in report.events if e.status == "skipped"}
-    assert "statistics outputs" in reasons["ln"]
+    assert "no LayerNorm plugin" in reasons["ln"]
     assert "LayerNorm" not in report.replaced
     old = _norm_chain(opset=18)
     old.graph.node[0].ClearField("attribute")
@@ -149,8 +182,8 @@ def test_export_norm_export_custom_matches_eager(tmp_path: Path) -> None:
     assert {n.op_type for n in model.graph.node if n.domain == TRT_PLUGIN_DOMAIN} == {
         "GroupNormalizationPlugin",
         "InstanceNormalization_TRT",
-        "LayerNorm",
     }
+    assert any(n.op_type == "LayerNormalization" for n in model.graph.node)
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.inference_mode():

@@ -11,13 +11,15 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from normfold.errors import UsageError
 from normfold.fusers.precision import (
     DECOMPOSED_NORM,
     AutoPrecision,
     convert_precision,
-    ort_tensor_errors,
     select_fp32_islands,
 )
+from normfold.runtime._gpu_precision import ort_tensor_errors
+from normfold.runtime.base import SessionOptions
 
 NORMS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax")
 
@@ -199,7 +201,8 @@ def test_auto_keeps_only_the_norm_that_creates_the_error() -> None:
     """ORT CPU as the error source: stored fp16 variance of LN_a overflows; LN_b is fine."""
     src = _two_hand_layernorms()
     x = (np.random.default_rng(0).standard_normal((4, 16)) * 400).astype(np.float32)
-    error_fn = ort_tensor_errors(src, {"x": x})
+    # ORT's LayerNormFusion mis-fuses a Cast→fp16 decomposed LN (see select_fp32_islands): measure unfused.
+    error_fn = ort_tensor_errors(src, {"x": x}, options=SessionOptions(graph_optimization_level="disable"))
     everything_low = convert_precision(src, keep_io_types=True, fp32_ops=())
     errors = error_fn(everything_low.model)
     assert errors["var_a"] == float("inf") and errors["var_b"] < 1e-2  # (x-μ)² > 65504 for LN_a only
@@ -244,31 +247,54 @@ def test_auto_does_not_blame_a_norm_for_inherited_error() -> None:
     assert rounds[1].added == []
 
 
+def test_auto_measures_with_fp32_io_whatever_is_kept() -> None:
+    """bf16 without keep_io_types: the error source is still fed fp32 (it cannot build bf16 feeds)."""
+    src = _two_hand_layernorms()
+    input_types: list[int] = []
+
+    def error_fn(model: onnx.ModelProto) -> dict[str, float]:
+        input_types.extend(i.type.tensor_type.elem_type for i in model.graph.input)
+        return {}
+
+    select_fp32_islands(src, AutoPrecision(error_fn), precision="bf16", keep_io_types=False)
+    assert input_types and set(input_types) == {TensorProto.FLOAT}
+    final = convert_precision(src, precision="bf16", keep_io_types=False, auto=AutoPrecision(error_fn))
+    assert {i.type.tensor_type.elem_type for i in final.model.graph.input} == {TensorProto.BFLOAT16}
+
+
+def test_unknown_fp32_ops_are_refused() -> None:
+    with pytest.raises(UsageError, match=r"unknown op type.*NoSuchOp"):
+        convert_precision(_two_hand_layernorms(), fp32_ops=("Softmax", "NoSuchOp"))
+    report = convert_precision(_two_hand_layernorms(), fp32_ops=("Softmax", DECOMPOSED_NORM))
+    assert report.fp32_islands
+
+
 def test_custom_plugin_norms_stay_fp32() -> None:
     """Nodes that call a model-local function (the TensorRT-plugin norms) are islands too."""
     from normfold.exporter.custom_norms import to_custom_norms
 
-    scale = numpy_helper.from_array(np.linspace(0.5, 1.5, 8).astype(np.float32), "s")
+    scale = numpy_helper.from_array(np.linspace(0.5, 1.5, 4).astype(np.float32), "s")
+    bias = numpy_helper.from_array(np.linspace(-0.5, 0.5, 4).astype(np.float32), "b")
     graph = helper.make_graph(
         [
             helper.make_node("Relu", ["x"], ["r"]),
-            helper.make_node("LayerNormalization", ["r", "s"], ["n"], name="ln"),
+            helper.make_node("GroupNormalization", ["r", "s", "b"], ["n"], num_groups=2, epsilon=0.5, name="gn"),
             helper.make_node("Relu", ["n"], ["y"]),
         ],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8])],
-        [scale],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4, 5])],
+        [scale, bias],
     )
-    native = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    native = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     custom = to_custom_norms(native).model
     report = convert_precision(custom)
     (island,) = report.fp32_islands
-    assert island.kind == "LayerNorm"
-    plugin = next(n for n in report.model.graph.node if n.op_type == "LayerNorm")
+    assert island.kind == "GroupNormalizationPlugin"
+    plugin = next(n for n in report.model.graph.node if n.op_type == "GroupNormalizationPlugin")
     cast = _producer(report.model, plugin.input[0])
     assert cast.op_type == "Cast" and _attr(cast, "to") == TensorProto.FLOAT
-    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32)
     session = ort.InferenceSession(report.model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x.astype(np.float16)})[0]
     want = ort.InferenceSession(native.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
