@@ -190,6 +190,11 @@ def test_baseline_regression_is_attached(dynamic_onnx: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", CUDA_GRAPH_BACKENDS)
 def test_cuda_backends_with_cuda_graph(dynamic_onnx: Path, backend: str) -> None:
+    from normfold.runtime.registry import get_backend
+
+    status = get_backend(backend).status()  # a GPU without, say, TensorRT skips with the reason
+    if not status.available:
+        pytest.skip(f"{backend}: {status.reason}")
     report = benchmark(dynamic_onnx, backends=[backend], batch_sizes=[1, 4], cuda_graph=True, **FAST)
     assert [r.options["cuda_graph"] for r in report.results] == [True, True]
     assert all(r.stats.iterations == 5 for r in report.results)

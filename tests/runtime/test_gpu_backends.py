@@ -12,22 +12,31 @@ from onnx import TensorProto, helper, numpy_helper
 
 from normfold.errors import BackendUnavailableError, InputSpecError, UsageError
 from normfold.runtime import get_backend
+from normfold.runtime._gpu_common import (
+    build_profiles,
+    converted_model,
+    covers,
+    dim_values_from_shapes,
+    onnx_input_shapes,
+    profile_for_feeds,
+    widen_profile,
+)
 from normfold.runtime.base import SessionOptions
 from normfold.runtime.onnxruntime_gpu import (
+    TRITON_TRT_KEYS,
     GpuOrtRunner,
     OrtCudaBackend,
-    converted_model,
     cuda_provider_options,
+    triton_trt_parameters,
     trt_provider_options,
 )
-from normfold.runtime.probe import gpu_reason
+from normfold.runtime.probe import INSTALL_HINT, gpu_reason, nvinfer_hint, route_polygraphy_logging
 from normfold.runtime.tensorrt import (
-    INSTALL_HINT,
     build_engine,
-    build_profiles,
+    create_config_kwargs,
     engine_cache_key,
+    engine_profiles,
     needs_strongly_typed,
-    onnx_input_shapes,
 )
 
 NO_GPU = gpu_reason() is not None
@@ -51,6 +60,9 @@ def _ln_model(path: Path, batch: str | int = "N", seq: str | int = 5) -> Path:
 def test_cuda_provider_options() -> None:
     opts = cuda_provider_options(SessionOptions())
     assert opts["device_id"] == "0" and opts["enable_cuda_graph"] == "0"
+    assert opts["use_tf32"] == "0"  # ORT defaults to TF32; fp32 must mean fp32
+    assert cuda_provider_options(SessionOptions(precision="tf32"))["use_tf32"] == "1"
+    assert cuda_provider_options(SessionOptions(precision="fp16"))["use_tf32"] == "0"
     assert opts["cudnn_conv_algo_search"] == "EXHAUSTIVE"
     graphed = cuda_provider_options(SessionOptions(cuda_graph=True, provider_options={"gpu_mem_limit": 1 << 30}))
     assert graphed["enable_cuda_graph"] == "1" and graphed["gpu_mem_limit"] == str(1 << 30)
@@ -77,6 +89,124 @@ def test_trt_provider_options_caches_precision_and_profiles(tmp_path: Path) -> N
     assert fp16["trt_profile_opt_shapes"] == fp16["trt_profile_max_shapes"] == "x:8x5x8"
     bf16 = trt_provider_options(SessionOptions(precision="bf16"), tmp_path)
     assert bf16["trt_bf16_enable"] == "1" and bf16["trt_fp16_enable"] == "0"
+
+
+def test_trt_ep_profile_sizes_a_dynamic_sequence_axis_from_the_user_shapes(tmp_path: Path) -> None:
+    """bench --input x:2x7x8 on a [N, T, 8] model: T comes from the user's shape, N from --batch."""
+    shapes = onnx_input_shapes(_ln_model(tmp_path / "q.onnx", seq="T"))
+    with pytest.raises(InputSpecError, match="axis 1 is dynamic"):
+        trt_provider_options(SessionOptions(batch_sizes=(2,)), tmp_path, input_shapes=shapes)
+    opts = SessionOptions(batch_sizes=(2,), dim_values=dim_values_from_shapes({"x": (2, 7, 8)}))
+    built = trt_provider_options(opts, tmp_path, input_shapes=shapes)
+    assert built["trt_profile_min_shapes"] == built["trt_profile_max_shapes"] == "x:2x7x8"
+
+
+def test_bench_session_options_carry_the_feed_shapes() -> None:
+    from normfold.bench.harness import session_options_for
+
+    so = session_options_for("ort-trt", batch_size=4, threads=1, shapes={"x": (4, 7, 8)})
+    assert so.batch_sizes == (4,) and so.dim_values == {"x:0": 4, "x:1": 7, "x:2": 8}
+
+
+def test_triton_trt_parameters_are_the_verified_ort_trt_options() -> None:
+    fp16 = dict(triton_trt_parameters(SessionOptions(precision="fp16")))
+    assert fp16["precision_mode"] == "FP16" and fp16["trt_layer_norm_fp32_fallback"] == "1"
+    assert set(fp16) - {"precision_mode"} <= TRITON_TRT_KEYS  # Triton refuses any other key
+    fp32 = dict(triton_trt_parameters(SessionOptions()))
+    assert fp32["precision_mode"] == "FP32" and fp32.get("trt_layer_norm_fp32_fallback", "0") == "0"
+    assert dict(triton_trt_parameters(SessionOptions(precision="bf16")))["precision_mode"] == "BF16"
+
+
+def test_triton_fp16_config_renders_the_same_parameters(tmp_path: Path) -> None:
+    from normfold.serve.triton import render_config
+
+    text = render_config(
+        name="m",
+        platform="onnxruntime",
+        max_batch=8,
+        inputs=[],
+        outputs=[],
+        dynamic_batching=False,
+        instances=1,
+        kind="gpu",
+        trt_accelerator=True,
+        fp16=True,
+    )
+    for key, value in triton_trt_parameters(SessionOptions(precision="fp16")):
+        assert f'parameters {{ key: "{key}" value: "{value}" }}' in text
+
+
+def test_profiles_follow_the_feeds(tmp_path: Path) -> None:
+    shapes = onnx_input_shapes(_ln_model(tmp_path / "m.onnx"))
+    first = profile_for_feeds(shapes, {"x": (2, 5, 8)})
+    assert first == {"x": ((2, 5, 8), (2, 5, 8), (2, 5, 8))}
+    assert covers([first], {"x": (2, 5, 8)}) and not covers([first], {"x": (3, 5, 8)})
+    wider = widen_profile(first, {"x": (6, 5, 8)})
+    assert wider == {"x": ((2, 5, 8), (6, 5, 8), (6, 5, 8))} and covers([wider], {"x": (4, 5, 8)})
+    assert profile_for_feeds(onnx_input_shapes(_ln_model(tmp_path / "s.onnx", batch=2)), {}) == {}
+    with pytest.raises(InputSpecError, match="rank"):
+        profile_for_feeds(shapes, {"x": (2, 5)})
+    with pytest.raises(UsageError, match="no batch sizes"):  # never an assumed batch of 1
+        engine_profiles(shapes, SessionOptions())
+    assert engine_profiles(shapes, SessionOptions(batch_sizes=(1, 2))) == [{"x": ((1, 5, 8), (2, 5, 8), (2, 5, 8))}]
+
+
+def test_create_config_kwargs_fit_polygraphy_and_mean_what_they_say() -> None:
+    import inspect
+
+    from polygraphy.backend.trt import CreateConfig
+
+    params = {
+        p for cls in CreateConfig.__mro__ if "__init__" in vars(cls) for p in inspect.signature(cls.__init__).parameters
+    }
+    fp32 = create_config_kwargs("fp32", False, [{"x": ((1, 5, 8), (2, 5, 8), (2, 5, 8))}])
+    assert set(fp32) <= params
+    assert fp32["tf32"] is False and fp32["fp16"] is False and len(fp32["profiles"]) == 1
+    assert create_config_kwargs("tf32", True, [{}]) == {"profiles": None, "tf32": True}
+    assert create_config_kwargs("fp16", False, [{}])["fp16"] is True
+
+
+def test_polygraphy_logs_go_to_python_logging_not_stdout(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from polygraphy.logger import G_LOGGER
+
+    route_polygraphy_logging()
+    with caplog.at_level("INFO", logger="Polygraphy"):
+        G_LOGGER.warning("normfold-probe warning")
+        G_LOGGER.info("TF32 is disabled by default.")
+    assert capsys.readouterr().out == ""
+    assert "normfold-probe warning" in caplog.text
+
+
+def test_nvinfer_hint_names_the_missing_tensorrt() -> None:
+    msg = "libnvinfer.so.10: cannot open shared object file: No such file or directory"
+    hint = nvinfer_hint(msg, "11.1.0.106")
+    assert "needs TensorRT 10.x" in hint and "installed tensorrt is 11.1.0.106" in hint
+    assert "tensorrt-cu12==10.*" in hint
+    assert "not installed" in nvinfer_hint(msg, None)
+    assert nvinfer_hint("libcudnn.so.9: cannot open shared object file", "10.13") == ""
+
+
+def test_tensor_errors_measure_on_the_backend_session_and_see_placement(tmp_path: Path) -> None:
+    """The error source builds its session through the backend; ORT's profiler says where nodes ran."""
+    from normfold.runtime._gpu_precision import TensorErrors, node_providers
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(_ln_model(tmp_path / "m.onnx"))))
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    errors = TensorErrors(model, {"x": x})
+    assert errors(model) == {"n": 0.0, "y": 0.0} and errors.cpu_nodes == []
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "p")
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    session.run(None, {"x": x})
+    import json
+
+    placed = node_providers(json.loads(Path(session.end_profiling()).read_text()))
+    assert placed and set(placed.values()) == {"CPUExecutionProvider"}
+    with pytest.raises(UsageError, match="ONNX Runtime backend"):
+        TensorErrors(model, {"x": x}, backend="torch")
 
 
 def test_build_profiles_from_dynamic_axes(tmp_path: Path) -> None:
@@ -131,6 +261,7 @@ def test_probes_give_exact_reasons_without_a_gpu(tmp_path: Path) -> None:
     assert "onnxruntime lists TensorrtExecutionProvider but creating a session with it failed: " in trt_ep.reason
     trt = get_backend("trt").status()
     assert not trt.available and f"tensorrt not installed ({INSTALL_HINT})" in trt.reason
+    assert "tf32" in get_backend("ort-cuda").precisions and "tf32" not in get_backend("ort-cpu").precisions
     model = _ln_model(tmp_path / "m.onnx")
     for name in ("ort-cuda", "ort-trt", "trt"):
         with pytest.raises(BackendUnavailableError, match=f"backend '{name}' cannot run here: no NVIDIA GPU"):
@@ -205,3 +336,69 @@ def test_trt_engine_cache_is_reused(tmp_path: Path) -> None:
     first = build_engine(model, opts)
     second = build_engine(model, opts)
     assert not first.cached and second.cached and first.path == second.path
+
+
+def _available(name: str) -> None:
+    status = get_backend(name).status()
+    if not status.available:
+        pytest.skip(f"{name}: {status.reason}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["ort-trt", "trt"])
+def test_dynamic_batch_model_fed_batch_2_then_3_without_declared_batches(tmp_path: Path, name: str) -> None:
+    """compare/run/per-layer declare no batch sizes: the engine must fit what it is fed (issue 14, item 3)."""
+    _available(name)
+    model = _ln_model(tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    with get_backend(name).load(model, SessionOptions(cache_dir=tmp_path / "cache")) as runner:
+        kept = []
+        for batch in (2, 2, 3):
+            x = rng.standard_normal((batch, 5, 8)).astype(np.float32)
+            kept.append((runner.infer({"x": x})["y"], session.run(None, {"x": x})[0]))
+    for got, want in kept:  # outputs are copies: later runs do not overwrite earlier results
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["ort-cuda", "trt"])
+def test_tf32_is_an_explicit_precision(tmp_path: Path, name: str) -> None:
+    _available(name)
+    model = _ln_model(tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((4, 5, 8)).astype(np.float32)
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    opts = SessionOptions(precision="tf32", cache_dir=tmp_path / "cache", batch_sizes=(4,))
+    with get_backend(name).load(model, opts) as runner:
+        np.testing.assert_allclose(runner.infer({"x": x})["y"], ref, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["ort-trt", "trt"])
+def test_custom_norm_plugins_honour_eps(tmp_path: Path, name: str) -> None:
+    """GN/IN with eps = 0.5 through the TensorRT plugins match the native ops (GN once lost its eps)."""
+    from normfold.exporter.custom_norms import to_custom_norms
+
+    _available(name)
+    rng = np.random.default_rng(0)
+    c = 8
+    params = [numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), n) for n in ("s", "b")]
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [
+            helper.make_node("GroupNormalization", ["x", "s", "b"], ["g"], num_groups=2, epsilon=0.5),
+            helper.make_node("InstanceNormalization", ["g", "s", "b"], ["y"], epsilon=0.5),
+        ],
+        "g",
+        [value("x", TensorProto.FLOAT, [1, c, 4, 4])],
+        [value("y", TensorProto.FLOAT, [1, c, 4, 4])],
+        params,
+    )
+    native = tmp_path / "n.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(native))
+    custom = to_custom_norms(native, tmp_path / "c.onnx").path
+    assert custom is not None
+    x = {"x": (0.5 * rng.standard_normal((1, c, 4, 4))).astype(np.float32)}
+    ref = ort.InferenceSession(str(native), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    with get_backend(name).load(custom, SessionOptions(cache_dir=tmp_path / "cache")) as runner:
+        np.testing.assert_allclose(runner.infer(x)["y"], ref, atol=1e-3, rtol=1e-3)
