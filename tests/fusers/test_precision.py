@@ -299,3 +299,21 @@ def test_custom_plugin_norms_stay_fp32() -> None:
     got = session.run(None, {"x": x.astype(np.float16)})[0]
     want = ort.InferenceSession(native.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got.astype(np.float32), want, atol=1e-2, rtol=1e-2)
+
+
+def test_convert_cli_refuses_an_unknown_fp32_op(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from normfold.cli import app
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_two_hand_layernorms(), str(src))
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(app, ["convert", str(src), "-o", str(out), "--fp32-ops", "Softmax,NoSuchOp"])
+    assert result.exit_code == 2
+    assert "error: unknown op type(s) in fp32_ops: NoSuchOp" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+    ok = CliRunner().invoke(
+        app, ["convert", str(src), "-o", str(out), "--fp32-ops", "Softmax,DecomposedNorm", "--json"]
+    )
+    assert ok.exit_code == 0 and out.exists()

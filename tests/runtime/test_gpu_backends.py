@@ -402,3 +402,17 @@ def test_custom_norm_plugins_honour_eps(tmp_path: Path, name: str) -> None:
     ref = ort.InferenceSession(str(native), providers=["CPUExecutionProvider"]).run(None, x)[0]
     with get_backend(name).load(custom, SessionOptions(cache_dir=tmp_path / "cache")) as runner:
         np.testing.assert_allclose(runner.infer(x)["y"], ref, atol=1e-3, rtol=1e-3)
+
+
+SMOKE = Path(__file__).resolve().parents[2] / "scripts" / "gpu_smoke.sh"
+
+
+def test_gpu_smoke_script_parses_and_fails_loudly_without_a_gpu() -> None:
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(SMOKE)], capture_output=True, text=True).returncode == 0
+    if not NO_GPU:
+        pytest.skip("a GPU is visible: the no-GPU refusal cannot be observed (make test-gpu runs the script)")
+    run = subprocess.run(["bash", str(SMOKE)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3
+    assert run.stdout.startswith("FAIL gpu: no NVIDIA GPU visible") and "PASS" not in run.stdout
