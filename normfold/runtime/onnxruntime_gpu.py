@@ -255,7 +255,12 @@ class OrtGpuBackend(OrtBackend):
 
         ``configure`` (an ``onnxruntime.SessionOptions`` callback) only adds observation, e.g. profiling.
         """
-        session = create_session(model, list(self.session_providers(model, options)), options, configure=configure)
+        return self._create(model, self.session_providers(model, options), options, configure)
+
+    def _create(
+        self, model: Path, providers: list[tuple[str, dict[str, Any]]], options: SessionOptions, configure: Any
+    ) -> Any:
+        session = create_session(model, list(providers), options, configure=configure)
         self.check_providers(session)
         return session
 
@@ -265,12 +270,12 @@ class OrtGpuBackend(OrtBackend):
         if self.name == "ort-trt" and opts.precision == "fp32":
             log.warning("ort-trt runs fp32 models with TensorRT's default TF32; compare it at tf32 tolerances")
         model = self.prepared_model(Path(onnx_path), opts)
-        session = self.session(model, opts)
-        device_id = int(self.session_providers(model, opts)[0][1].get("device_id", 0))
+        providers = self.session_providers(model, opts)
+        session = self._create(model, providers, opts, None)
         return GpuOrtRunner(
             session,
             self.name,
-            device_id=device_id,
+            device_id=int(providers[0][1].get("device_id", 0)),
             io_binding=opts.io_binding,
             first_infer_builds_engine=self.runner_builds_engine,
         )

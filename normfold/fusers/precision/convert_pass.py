@@ -158,7 +158,15 @@ class PrecisionPass(NormfoldPass):
         name_nodes(graph)
         function_ids = {f.identifier()[:2] for f in model.functions.values()}
         _fill_norm_dtypes(graph, function_ids)
+        fp32 = self._fp32_set(graph, function_ids)
+        low_values: set[ir.Value] = set()
+        modified = self._retype(graph, fp32, low_values)
+        modified |= self._convert_initializers(graph, fp32, low_values)
+        modified |= self._insert_casts(graph, fp32, low_values)
+        return modified
 
+    def _fp32_set(self, graph: ir.Graph, function_ids: set[tuple[str, str]]) -> set[ir.Node]:
+        """Island nodes, plus single nodes that must stay fp32 (named, no low variant, function calls)."""
         fp32: set[ir.Node] = set()
         for island in find_islands(graph, self.fp32_ops):
             if island.anchor in self.low_islands:
@@ -183,8 +191,10 @@ class PrecisionPass(NormfoldPass):
                 fp32.add(node)
                 self.stats.islands.append(Island(node.name or "", node.op_type, (node,)))
                 self.skipped([node], f"kept in fp32: {reason}")
+        return fp32
 
-        low_values: set[ir.Value] = set()
+    def _retype(self, graph: ir.Graph, fp32: set[ir.Node], low_values: set[ir.Value]) -> bool:
+        """FLOAT outputs of low nodes (and, without keep_io_types, graph inputs) become the low type."""
 
         def wants_low(value: ir.Value) -> bool:
             """Constant-like producers follow their consumers: low when any consumer computes in low."""
@@ -205,18 +215,21 @@ class PrecisionPass(NormfoldPass):
                     out.dtype = self.low
                     low_values.add(out)
                     modified = True
-
         if not self.keep_io_types:
             for value in graph.inputs:
                 if value.dtype == ir.DataType.FLOAT:
                     value.dtype = self.low
                     low_values.add(value)
                     modified = True
+        return modified
 
+    def _convert_initializers(self, graph: ir.Graph, fp32: set[ir.Node], low_values: set[ir.Value]) -> bool:
+        """FLOAT initializers read by low nodes are converted; one shared with fp32 users gets a low copy."""
+        modified = False
         for value in list(graph.initializers.values()):
             if value.dtype != ir.DataType.FLOAT or value.is_graph_input() or value.const_value is None:
                 continue
-            users = value.uses()
+            users = list(value.uses())
             low_users = [(u, i) for u, i in users if u not in fp32 and not self._fp32_slot(u, i)]
             if not low_users:
                 continue
@@ -237,7 +250,10 @@ class PrecisionPass(NormfoldPass):
             low_values.add(copy)
             for user, index in low_users:
                 user.replace_input_with(index, copy)
+        return modified
 
+    def _insert_casts(self, graph: ir.Graph, fp32: set[ir.Node], low_values: set[ir.Value]) -> bool:
+        """A Cast wherever a value's type differs from what its consumer computes in (one per value/type)."""
         casts: dict[tuple[int, ir.DataType], ir.Value] = {}
 
         def cast_of(value: ir.Value, to: ir.DataType, before: ir.Node | None, anchor: ir.Node | None) -> ir.Value:
@@ -257,6 +273,7 @@ class PrecisionPass(NormfoldPass):
                 self.stats.casts_inserted += 1
             return casts[key]
 
+        modified = False
         for node in list(graph):
             if node.op_type == "Cast" and not node.domain:
                 continue
