@@ -25,8 +25,9 @@ from pathlib import Path
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 INSTALL_HINT = "pip install 'normfold[tensorrt]'"
-ORT_TRT_MAJOR = 10
-"""TensorRT major version onnxruntime-gpu 1.31's TensorRT EP links (``libnvinfer.so.10``)."""
+ORT_CUDA_PIP_SUFFIX = "cu13"
+"""onnxruntime-gpu 1.31.1's providers link CUDA 13 (``libcudart.so.13``, ``libcublas.so.13``) and cuDNN 9;
+its TensorRT EP links ``libnvinfer.so.10``: the matching wheels are ``tensorrt-cu13`` 10.x."""
 
 
 @contextlib.contextmanager
@@ -154,7 +155,7 @@ def nvinfer_hint(message: str, tensorrt_version: str | None) -> str:
         return ""
     want = found.group(1)
     have = f"installed tensorrt is {tensorrt_version}" if tensorrt_version else "tensorrt is not installed"
-    fix = f"pip install 'tensorrt-cu12=={want}.*'"
+    fix = f"pip install 'tensorrt-{ORT_CUDA_PIP_SUFFIX}=={want}.*'"
     return f" (the TensorRT EP needs TensorRT {want}.x, libnvinfer.so.{want}; {have}: {fix})"
 
 
@@ -180,7 +181,7 @@ def cudart_reason() -> str | None:
     except Exception as e:  # OSError from ctypes.CDLL, or Polygraphy's own error
         return (
             f"Polygraphy cannot load the CUDA runtime (libcudart.so*): {type(e).__name__}: {e}; "
-            "pip install nvidia-cuda-runtime-cu12 or put libcudart on LD_LIBRARY_PATH"
+            "pip install nvidia-cuda-runtime (CUDA 13) or put libcudart.so* on LD_LIBRARY_PATH"
         )
     return None
 

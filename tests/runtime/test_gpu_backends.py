@@ -183,7 +183,7 @@ def test_nvinfer_hint_names_the_missing_tensorrt() -> None:
     msg = "libnvinfer.so.10: cannot open shared object file: No such file or directory"
     hint = nvinfer_hint(msg, "11.1.0.106")
     assert "needs TensorRT 10.x" in hint and "installed tensorrt is 11.1.0.106" in hint
-    assert "tensorrt-cu12==10.*" in hint
+    assert "tensorrt-cu13==10.*" in hint
     assert "not installed" in nvinfer_hint(msg, None)
     assert nvinfer_hint("libcudnn.so.9: cannot open shared object file", "10.13") == ""
 
