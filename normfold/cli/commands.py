@@ -141,7 +141,7 @@ def compare_cmd(
     backend: str = typer.Option("ort-cpu", "--backend", "-b", help="Comma-separated backends."),
     atol: float = typer.Option(None, "--atol", help="Absolute tolerance (default per precision)."),
     rtol: float = typer.Option(None, "--rtol", help="Relative tolerance (default per precision)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 (the last two on GPU backends)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | tf32 | fp16 | bf16 (tf32 on GPU backends only)."),
     inputs_npz: Path = typer.Option(None, "--inputs", help="npz of real inputs (one array per input name)."),
     inputs: list[str] = typer.Option(None, "--input", help=INPUT_HELP),
     weights: str = typer.Option(None, "--weights", help="state_dict checkpoint, loaded strictly."),

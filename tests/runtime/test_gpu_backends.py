@@ -416,3 +416,25 @@ def test_gpu_smoke_script_parses_and_fails_loudly_without_a_gpu() -> None:
     run = subprocess.run(["bash", str(SMOKE)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 3
     assert run.stdout.startswith("FAIL gpu: no NVIDIA GPU visible") and "PASS" not in run.stdout
+
+
+def test_gpu_runtime_modules_share_a_common_module_and_import_no_fuser() -> None:
+    """Layering: the two GPU modules never import each other; runtime imports no fuser at module level."""
+    import ast
+
+    import normfold.runtime as runtime_pkg
+
+    root = Path(runtime_pkg.__file__).parent
+    top_level: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+        names |= {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+        top_level[path.stem] = names
+    assert "normfold.runtime.tensorrt" not in top_level["onnxruntime_gpu"]
+    assert "normfold.runtime.onnxruntime_gpu" not in top_level["tensorrt"]
+    assert {"normfold.runtime._gpu_common"} <= top_level["tensorrt"] & top_level["onnxruntime_gpu"]
+    assert not [m for names in top_level.values() for m in names if m.startswith("normfold.fusers")]
+    from normfold.runtime import onnxruntime as ort_module
+
+    assert not hasattr(ort_module, "OrtCudaBackend")  # one class per name: the GPU backends live in one module
