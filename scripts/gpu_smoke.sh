@@ -75,6 +75,7 @@ PY
 # 3. fp32 / tf32 / fp16 compares on each GPU backend (ort-trt's fp32 is TF32: claimed at tf32 tolerances)
 for be in ort-cuda trt; do cmp_json fp32-resnet "$be" zoo:resnet_basic "$W/r.onnx"; done
 for be in ort-cuda ort-trt trt; do cmp_json tf32-resnet "$be" zoo:resnet_basic "$W/r.onnx" --precision tf32; done
+NVIDIA_TF32_OVERRIDE=0 cmp_json fp32-no-tf32-resnet ort-trt zoo:resnet_basic "$W/r.onnx" # strict fp32 on ort-trt
 for be in ort-cuda ort-trt trt; do cmp_json fp16-unet "$be" zoo:unet_resblock "$W/u.onnx" --precision fp16; done
 
 # 4. a dynamic-batch export fed batch 2 (lenet_bn's example input), no declared batch sizes

@@ -11,7 +11,8 @@ Precision:
   precision (``use_tf32=1``) with its own tolerances (:mod:`normfold.numerics.tolerances`).
 * The TensorRT EP has no TF32 switch (ORT 1.31) and TensorRT enables TF32 by default, so ``ort-trt`` at
   ``fp32`` computes convolutions and GEMMs in TF32 on Ampere and later: compare it with ``tf32``
-  tolerances (``--precision tf32``); a strict fp32 claim needs ``ort-cuda`` or ``trt``.
+  tolerances (``--precision tf32``), or start the process with ``NVIDIA_TF32_OVERRIDE=0`` (NVIDIA's
+  libraries then never use TF32, process-wide; set before they load, so it is not set from here).
 * ORT has no "run this fp32 model in fp16" switch on the CUDA EP, so ``fp16``/``bf16`` loads the
   conversion with fp32 norm islands (:func:`normfold.runtime._gpu_common.converted_model`). The TensorRT
   EP does the same for bf16; for fp16 it uses ``trt_fp16_enable`` with ``trt_layer_norm_fp32_fallback`` on
@@ -24,6 +25,7 @@ onnxruntime backend by :func:`triton_trt_parameters`, so what Triton serves is w
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -267,8 +269,11 @@ class OrtGpuBackend(OrtBackend):
     def load(self, onnx_path: str | Path, options: SessionOptions | None = None) -> OrtRunner:
         opts = options or SessionOptions()
         self.ensure_available(opts.precision)
-        if self.name == "ort-trt" and opts.precision == "fp32":
-            log.warning("ort-trt runs fp32 models with TensorRT's default TF32; compare it at tf32 tolerances")
+        if self.name == "ort-trt" and opts.precision == "fp32" and os.environ.get("NVIDIA_TF32_OVERRIDE") != "0":
+            log.warning(
+                "ort-trt runs fp32 models with TensorRT's default TF32 (the EP has no switch): compare it at "
+                "tf32 tolerances, or start the process with NVIDIA_TF32_OVERRIDE=0 for strict fp32"
+            )
         model = self.prepared_model(Path(onnx_path), opts)
         providers = self.session_providers(model, opts)
         session = self._create(model, providers, opts, None)
