@@ -48,6 +48,7 @@ from normfold.errors import BackendUnavailableError, FusionError, OnnxLoadError,
 from normfold.exporter.provenance import module_path, set_module_path
 from normfold.fusers.base import NormfoldPass, PassContext
 from normfold.io import load_onnx, save_onnx
+from normfold.onnx_files import uses_external_data
 from normfold.runtime.base import SessionOptions
 from normfold.runtime.onnxruntime import create_session
 
@@ -663,7 +664,7 @@ def convert_precision(
     path = None
     if dst is not None:
         path = Path(dst)
-        save_onnx(out, path)
+        save_onnx(out, path, external=True if uses_external_data(src) else None)
     return PrecisionReport(
         path=path,
         precision=precision,

@@ -14,7 +14,6 @@ for weakly typed networks.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -102,8 +101,9 @@ def converted_model(onnx_path: Path, precision: str, cache_dir: Path) -> Path:
     if precision not in ("fp16", "bf16"):
         raise UsageError(f"precision {precision!r} is not one of fp32, fp16, bf16")
     from normfold.fusers.precision import convert_precision
+    from normfold.onnx_files import model_digest
 
-    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:16]
+    digest = model_digest(onnx_path)[:16]  # model and its external data
     dst = cache_dir / "converted" / f"{onnx_path.stem}.{digest}.{precision}.onnx"
     if not dst.exists():
         convert_precision(onnx_path, dst, precision=precision, keep_io_types=True)  # type: ignore[arg-type]

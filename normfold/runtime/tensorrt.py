@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from normfold.errors import BackendUnavailableError, InputSpecError, OnnxLoadError, UsageError
+from normfold.errors import BackendUnavailableError, InputSpecError, UsageError
 from normfold.io import write_bytes
 from normfold.runtime.base import Backend, Runner, SessionOptions, TensorMeta
 from normfold.runtime.probe import gpu_name, gpu_reason
@@ -64,12 +64,9 @@ def tensorrt_reason() -> str | None:
 
 def onnx_input_shapes(onnx_path: str | Path) -> dict[str, ShapeSpec]:
     """Graph inputs (initializers excluded) → dims: int, symbolic name, or None when unnamed and unknown."""
-    import onnx
+    from normfold.onnx_files import read_graph
 
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as e:  # DecodeError, OSError
-        raise OnnxLoadError(f"could not read {str(onnx_path)!r} as an ONNX model: {e}") from e
+    model = read_graph(onnx_path)  # external-data locations checked before the parser follows them
     initializers = {t.name for t in model.graph.initializer}
     shapes: dict[str, ShapeSpec] = {}
     for vi in model.graph.input:
@@ -227,6 +224,7 @@ def build_engine(
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
     from polygraphy.backend.trt import Profile as PolyProfile
 
+    from normfold.onnx_files import model_digest
     from normfold.runtime.onnxruntime_gpu import DEFAULT_CACHE_DIR, converted_model
 
     opts = options or SessionOptions()
@@ -235,7 +233,7 @@ def build_engine(
     typed = needs_strongly_typed(trt.__version__, opts.precision, strongly_typed)
     profiles = build_profiles(onnx_input_shapes(model), opts.batch_sizes or (1,))
     key = engine_cache_key(
-        sha256_file(model),
+        model_digest(model),  # the weights in NAME.data are part of the engine
         trt.__version__,
         gpu_name() or "unknown-gpu",
         precision=opts.precision,
