@@ -237,6 +237,17 @@ def is_external(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values())
 
 
+def release_mapped(model: ir.Model) -> None:
+    """Unmap every external tensor's file (each is mapped again on its next use): the pages it read stop
+    counting against this process while, say, ORT loads the same weights."""
+    import onnx_ir as ir
+
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value.release()
+
+
 def data_file_name(target: Path) -> str:
     """The external-data file of ``target``: ``NAME.data`` beside it (the torch exporter's convention)."""
     return target.name + ".data"
@@ -273,32 +284,27 @@ def save_ir(model: ir.Model, path: str | os.PathLike[str], *, external: bool | N
 
 
 def save_proto(model: onnx.ModelProto, path: str | os.PathLike[str], *, external: bool | None = None) -> Path:
-    """Write a proto atomically, like :func:`save_ir` (external data when asked, or past the limit)."""
-    from onnx.external_data_helper import load_external_data_for_model
+    """Write a proto atomically, like :func:`save_ir` (external data when asked, or past the limit).
+
+    With external data the proto is wrapped in onnx-ir (which references its tensors, no copy) and
+    streamed out tensor by tensor; ``model`` itself is never modified.
+    """
+    import onnx_ir as ir
 
     target = Path(path)
-    if target.is_dir():
-        raise OnnxLoadError(f"output path {target} is a directory; expected a file path")
     if has_external_data(model):
         raise OnnxLoadError("save_proto got a model whose external data is not loaded; use save_ir")
     if external is None:
         external = model.ByteSize() >= inline_limit()
+    if external:
+        return save_ir(ir.serde.deserialize_model(model), target, external=True)
+    if target.is_dir():
+        raise OnnxLoadError(f"output path {target} is a directory; expected a file path")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        data_name = data_file_name(target)
-        if external:
-            onnx.save_model(
-                model,
-                str(staging / target.name),
-                save_as_external_data=True,
-                location=data_name,
-                size_threshold=SIZE_THRESHOLD,
-            )
-            load_external_data_for_model(model, str(staging))  # the caller's proto keeps its data
-        else:
-            (staging / target.name).write_bytes(model.SerializeToString())
-        _publish(staging, target, data_name if (staging / data_name).exists() else None)
+        (staging / target.name).write_bytes(model.SerializeToString())
+        _publish(staging, target, None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

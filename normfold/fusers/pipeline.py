@@ -43,7 +43,16 @@ from normfold.fusers.verify import (
     seeded_feeds,
 )
 from normfold.numerics.tolerances import tolerance_for
-from normfold.onnx_files import INLINE_LIMIT, check_file, has_external_data, is_external, load_ir, save_ir, tensor_bytes
+from normfold.onnx_files import (
+    INLINE_LIMIT,
+    check_file,
+    has_external_data,
+    is_external,
+    load_ir,
+    release_mapped,
+    save_ir,
+    tensor_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +211,7 @@ class _Verifier:
             return run_model(ir.serde.serialize_model(model).SerializeToString(), self.feeds)
         with tempfile.TemporaryDirectory(prefix=".normfold-verify.", dir=self.scratch) as tmp:
             path = save_ir(model, Path(tmp) / "candidate.onnx", external=True)
+            release_mapped(model)
             return run_model(path, self.feeds)
 
 
