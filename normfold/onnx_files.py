@@ -353,7 +353,7 @@ def model_digest(path: str | os.PathLike[str]) -> str:
     files = [Path(path), *sorted({ref.path for ref in resolve_external_data(read_graph(path), path)})]
     for file in files:
         with open(file, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            while chunk := fh.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
 

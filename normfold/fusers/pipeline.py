@@ -141,22 +141,21 @@ class _Source:
     tensors, so a copy costs the graph, never the weights) or an in-memory proto."""
 
     def __init__(self, src: str | Path | onnx.ModelProto) -> None:
-        self.proto = src if isinstance(src, onnx.ModelProto) else None
-        self.path = None if isinstance(src, onnx.ModelProto) else Path(src)
-        self.where = "<ModelProto>" if self.path is None else str(src)
-        self.external = self.path is not None and has_external_data(check_file(self.path))
+        self.src: Path | onnx.ModelProto = src if isinstance(src, onnx.ModelProto) else Path(src)
+        self.where = "<ModelProto>" if isinstance(src, onnx.ModelProto) else str(src)
+        self.external = isinstance(self.src, Path) and has_external_data(check_file(self.src))
 
     def fresh(self) -> ir.Model:
-        if self.path is not None:
-            return load_ir(self.path)
+        if isinstance(self.src, Path):
+            return load_ir(self.src)
         try:
-            return ir.serde.deserialize_model(self.proto)
+            return ir.serde.deserialize_model(self.src)
         except Exception as e:  # onnx_ir raises SerdeError wrapping many causes
             raise OnnxLoadError(f"'{self.where}' is not a valid ONNX model: {e}") from e
 
     def runnable(self) -> bytes | Path:
         """What ORT opens: the file itself (external data found beside it), or the proto's bytes."""
-        return self.path if self.path is not None else self.proto.SerializeToString()  # type: ignore[union-attr]
+        return self.src if isinstance(self.src, Path) else self.src.SerializeToString()
 
 
 def _opset(model: ir.Model) -> int | None:

@@ -333,9 +333,10 @@ def write_triton_repo(
                 "given; build one with the trt backend (normfold.runtime.tensorrt) and pass engine_path "
                 "(CLI: --engine), or use --platform onnxruntime."
             )
-        engine_file: Path | None = Path(engine_path)
-        if not engine_file.is_file() or engine_file.stat().st_size == 0:
-            raise UsageError(f"engine {str(engine_file)!r} does not exist or is empty.")
+        plan = Path(engine_path)
+        if not plan.is_file() or plan.stat().st_size == 0:
+            raise UsageError(f"engine {str(plan)!r} does not exist or is empty.")
+        engine_file: Path | None = plan
         if kind == "cpu":
             raise UsageError("a TensorRT plan runs on GPU only; instance kind 'cpu' is impossible.")
         kind = "gpu"
