@@ -142,3 +142,15 @@ def test_truncated_data_file_is_named(tmp_path: Path) -> None:
         write_triton_repo(model, tmp_path / "repo", name="m")
     assert not (tmp_path / "repo").exists()
     assert onnx.load(str(model), load_external_data=False).graph.node  # the model itself is untouched
+
+
+@pytest.mark.parametrize("kind", ["traversal", "symlink"])
+def test_compare_per_layer_refuses(tmp_path: Path, secret: Path, kind: str) -> None:
+    model, location = _hostile(tmp_path, secret, kind)
+    factory = tmp_path / "f.py"
+    factory.write_text(
+        "import torch\n\n\ndef make():\n    return torch.nn.Linear(4, 3, bias=False).eval(), (torch.ones(1, 4),)\n"
+    )
+    result = runner.invoke(app, ["compare", f"{factory}:make", str(model), "--per-layer"])
+    assert result.exit_code == 2, result.output
+    assert "'w'" in result.output and location in result.output
