@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +18,7 @@ from typing import IO, Any
 
 import onnx
 
-from normfold.errors import OnnxLoadError, UsageError
-
-# Above this, weights go to an external-data file beside the model (protobuf's 2 GiB limit).
-_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+from normfold.errors import UsageError
 
 
 @contextlib.contextmanager
@@ -64,36 +62,45 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def load_onnx(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load and check an ONNX file; a missing, unreadable or invalid file raises :class:`OnnxLoadError`."""
-    p = Path(path)
-    if not p.exists():
-        raise OnnxLoadError(f"ONNX file not found: {p}")
-    if p.is_dir():
-        raise OnnxLoadError(f"expected an ONNX file, got a directory: {p}")
-    try:
-        model = onnx.load(str(p), load_external_data=load_external_data)
-    except Exception as e:  # protobuf raises DecodeError, RuntimeWarning, etc.
-        raise OnnxLoadError(f"{p} is not a readable ONNX model ({type(e).__name__}: {e})") from e
-    if not model.graph.node and not model.graph.output:
-        raise OnnxLoadError(f"{p} is not a valid ONNX model: its graph is empty")
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OnnxLoadError(f"{p} is not a valid ONNX model: {first}") from e
-    return model
+    """Load and check an ONNX file; a missing, unreadable or invalid file raises :class:`OnnxLoadError`.
+
+    External-data locations are checked first (:mod:`normfold.onnx_files`); with
+    ``load_external_data=False`` only the graph is read, which is what a model beyond 2 GiB needs.
+    """
+    from normfold.onnx_files import load_proto
+
+    return load_proto(path, with_data=load_external_data)
 
 
-def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Save ``model`` atomically (external data only when it would exceed protobuf's limit)."""
+def save_onnx(model: onnx.ModelProto, path: str | Path, *, external: bool | None = None) -> Path:
+    """Save ``model`` atomically; external data ``NAME.data`` beside it when ``external`` (default: only
+    when it would exceed protobuf's limit)."""
+    from normfold.onnx_files import save_proto
+
+    return save_proto(model, path, external=external)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path``; on success it replaces ``path`` (an existing folder
+    is swapped out and removed only then), on error it is deleted and ``path`` is untouched."""
     target = Path(path)
-    if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
-        return write_bytes(target, model.SerializeToString())
-    data_name = target.name + ".data"
-    with atomic_path(target) as tmp:
-        onnx.save_model(model, str(tmp), save_as_external_data=True, location=data_name)
-        os.replace(tmp.parent / data_name, target.parent / data_name)
-    return target
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{target} exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def jsonable(obj: Any) -> Any:

@@ -33,7 +33,7 @@ from torch import nn
 
 from normfold.errors import ExportError, UsageError
 from normfold.exporter.provenance import module_path, stamp_module_paths
-from normfold.io import save_onnx
+from normfold.onnx_files import save_ir
 
 if TYPE_CHECKING:
     from normfold.models.loader import LoadedModel
@@ -74,18 +74,24 @@ class ExportResult:
         return d
 
 
-def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+def op_histogram(model: onnx.ModelProto | ir.Model) -> dict[str, int]:
     """Op type → count over the main graph (``domain::Op`` for non-default domains)."""
+    nodes = model.graph.node if isinstance(model, onnx.ModelProto) else model.graph
     counts = collections.Counter(
-        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in model.graph.node
+        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in nodes
     )
     return dict(sorted(counts.items()))
 
 
-def default_opset(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
+def default_opset(model: onnx.ModelProto | ir.Model) -> int:
+    if isinstance(model, ir.Model):
+        version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+        if version is not None:
+            return int(version)
+    else:
+        for imp in model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                return int(imp.version)
     raise ExportError("the exported model has no default-domain opset import")
 
 
@@ -115,7 +121,9 @@ def _input_names(module: nn.Module, n: int, given: Sequence[str] | None) -> list
 
 def _export_dynamo(
     module: nn.Module, args: tuple[torch.Tensor, ...], names: list[str], opset: int, dynamic_batch: bool
-) -> onnx.ModelProto:
+) -> ir.Model:
+    """The exported model as onnx-ir: its initializers still share memory with the module's parameters,
+    so nothing is copied until :func:`normfold.onnx_files.save_ir` streams them to disk."""
     from onnx_ir.passes import common as common_passes
     from onnxscript import optimizer
 
@@ -140,7 +148,7 @@ def _export_dynamo(
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     common_passes.RemoveUnusedNodesPass()(model)
-    return ir.serde.serialize_model(model)
+    return model
 
 
 def _export_torchscript(
@@ -207,36 +215,37 @@ def export(
         module.eval()
     try:
         if exporter == "dynamo":
-            proto = _export_dynamo(module, args, names, opset, dynamic_batch)
+            model_ir = _export_dynamo(module, args, names, opset, dynamic_batch)
         else:
-            proto = _export_torchscript(module, args, names, opset, dynamic_batch)
+            model_ir = ir.serde.deserialize_model(_export_torchscript(module, args, names, opset, dynamic_batch))
     except (ExportError, UsageError):
         raise
     except Exception as e:
         raise ExportError(f"{exporter} export failed: {_root_cause(e)}") from e
-    got = default_opset(proto)
+    got = default_opset(model_ir)
     if got != opset:
         raise ExportError(
             f"asked for opset {opset} but the {exporter} exporter produced opset {got} "
             f"(its down-conversion failed); use --opset {got} or --exporter torchscript"
         )
-    stamp_module_paths(proto, modules=frozenset(name for name, _ in module.named_modules()))
+    stamp_module_paths(model_ir, modules=frozenset(name for name, _ in module.named_modules()))
     if norm_export != "native":
-        proto = _apply_norm_export(proto, norm_export)
-    traced = sum(1 for n in proto.graph.node if module_path(n) is not None)
+        model_ir = ir.serde.deserialize_model(_apply_norm_export(ir.serde.serialize_model(model_ir), norm_export))
+    nodes = list(model_ir.graph)
+    traced = sum(1 for n in nodes if module_path(n) is not None)
     target = Path(path)
-    save_onnx(proto, target)
+    save_ir(model_ir, target)
     result = ExportResult(
         path=target,
         opset=got,
         exporter=exporter,
         norm_export=norm_export,
         dynamic_batch=dynamic_batch,
-        input_names=[i.name for i in proto.graph.input],
-        output_names=[o.name for o in proto.graph.output],
-        node_count=len(proto.graph.node),
-        op_histogram=op_histogram(proto),
-        provenance_coverage=traced / max(1, len(proto.graph.node)),
+        input_names=[v.name or "" for v in model_ir.graph.inputs],
+        output_names=[v.name or "" for v in model_ir.graph.outputs],
+        node_count=len(nodes),
+        op_histogram=op_histogram(model_ir),
+        provenance_coverage=traced / max(1, len(nodes)),
         warnings=notes,
     )
     log.info("exported %s nodes at opset %s to %s", result.node_count, got, target)

@@ -16,6 +16,7 @@ model is never written.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,8 +42,17 @@ from normfold.fusers.verify import (
     run_model,
     seeded_feeds,
 )
-from normfold.io import load_onnx, save_onnx
 from normfold.numerics.tolerances import tolerance_for
+from normfold.onnx_files import (
+    INLINE_LIMIT,
+    check_file,
+    has_external_data,
+    is_external,
+    load_ir,
+    release_mapped,
+    save_ir,
+    tensor_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,17 +136,26 @@ def run_pipeline(model: ir.Model, names: Sequence[str], ctx: PassContext) -> Pip
     return PipelineRun(model, list(ctx.events), seconds)
 
 
-def _load(src: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
-    if isinstance(src, onnx.ModelProto):
-        return src, "<ModelProto>"
-    return load_onnx(src), str(src)
+class _Source:
+    """Where fresh copies of the input model come from: the file (onnx-ir memory-maps its external
+    tensors, so a copy costs the graph, never the weights) or an in-memory proto."""
 
+    def __init__(self, src: str | Path | onnx.ModelProto) -> None:
+        self.src: Path | onnx.ModelProto = src if isinstance(src, onnx.ModelProto) else Path(src)
+        self.where = "<ModelProto>" if isinstance(src, onnx.ModelProto) else str(src)
+        self.external = isinstance(self.src, Path) and has_external_data(check_file(self.src))
 
-def _to_ir(proto: onnx.ModelProto, where: str) -> ir.Model:
-    try:
-        return ir.serde.deserialize_model(proto)
-    except Exception as e:  # onnx_ir raises SerdeError wrapping many causes
-        raise OnnxLoadError(f"'{where}' is not a valid ONNX model: {e}") from e
+    def fresh(self) -> ir.Model:
+        if isinstance(self.src, Path):
+            return load_ir(self.src)
+        try:
+            return ir.serde.deserialize_model(self.src)
+        except Exception as e:  # onnx_ir raises SerdeError wrapping many causes
+            raise OnnxLoadError(f"'{self.where}' is not a valid ONNX model: {e}") from e
+
+    def runnable(self) -> bytes | Path:
+        """What ORT opens: the file itself (external data found beside it), or the proto's bytes."""
+        return self.src if isinstance(self.src, Path) else self.src.SerializeToString()
 
 
 def _opset(model: ir.Model) -> int | None:
@@ -148,25 +167,25 @@ def _sites(event: RuleEvent) -> set[tuple[str, str]]:
 
 
 def _attempt(
-    proto: onnx.ModelProto,
+    source: _Source,
     names: Sequence[str],
     base: PassContext,
     disabled: set[tuple[str, str]],
     model: ir.Model | None = None,
 ) -> PipelineRun:
-    """Run the pipeline on a fresh copy of ``proto`` (or on ``model``, already deserialized from it)."""
+    """Run the pipeline on a fresh copy of the source (or on ``model``, a fresh copy already made)."""
     ctx = PassContext(
         target_opset=base.target_opset,
         allow_weight_copies=base.allow_weight_copies,
         disabled_sites=set(disabled),
     )
-    return run_pipeline(model if model is not None else _to_ir(proto, "input"), names, ctx)
+    return run_pipeline(model if model is not None else source.fresh(), names, ctx)
 
 
 class _Verifier:
-    def __init__(self, proto: onnx.ModelProto, atol: float, rtol: float, seed: int) -> None:
-        self.atol, self.rtol, self.seed = atol, rtol, seed
-        data = proto.SerializeToString()
+    def __init__(self, source: _Source, atol: float, rtol: float, seed: int, scratch: Path | None) -> None:
+        self.atol, self.rtol, self.seed, self.scratch = atol, rtol, seed, scratch
+        data = source.runnable()
         try:
             self.feeds = seeded_feeds(data, seed)
             self.before = run_model(data, self.feeds)
@@ -178,15 +197,25 @@ class _Verifier:
 
     def check(self, model: ir.Model) -> tuple[bool, list, str]:
         try:
-            after = run_model(ir.serde.serialize_model(model).SerializeToString(), self.feeds)
+            after = self._run(model)
         except OrtRunError as e:
             return False, [], f"ORT cannot run the optimized model: {e}"
         metrics = compare_outputs(self.before, after, self.atol, self.rtol)
         return all(m.passed for m in metrics), metrics, ""
 
+    def _run(self, model: ir.Model) -> dict:
+        """Small models go to ORT as bytes; one with external (memory-mapped) tensors or beyond protobuf's
+        limit is saved to a scratch file first, so ORT reads the weights from disk instead of a copy."""
+        if not is_external(model) and tensor_bytes(model) < INLINE_LIMIT:
+            return run_model(ir.serde.serialize_model(model).SerializeToString(), self.feeds)
+        with tempfile.TemporaryDirectory(prefix=".normfold-verify.", dir=self.scratch) as tmp:
+            path = save_ir(model, Path(tmp) / "candidate.onnx", external=True)
+            release_mapped(model)
+            return run_model(path, self.feeds)
+
 
 def _bisect(
-    proto: onnx.ModelProto,
+    source: _Source,
     names: Sequence[str],
     base: PassContext,
     disabled: set[tuple[str, str]],
@@ -196,13 +225,13 @@ def _bisect(
     """The first applied event whose enabling makes verification fail (None: not attributable)."""
     lo, hi = 0, len(applied)  # invariant: prefix lo passes (lo=0 assumed), prefix hi fails
     off_all = set(disabled).union(*(_sites(e) for e in applied))
-    ok, _, _ = verifier.check(_attempt(proto, names, base, off_all).model)
+    ok, _, _ = verifier.check(_attempt(source, names, base, off_all).model)
     if not ok:
         return None
     while hi - lo > 1:
         mid = (lo + hi) // 2
         off = set(disabled).union(*(_sites(e) for e in applied[mid:]))
-        ok, _, _ = verifier.check(_attempt(proto, names, base, off).model)
+        ok, _, _ = verifier.check(_attempt(source, names, base, off).model)
         if ok:
             lo = mid
         else:
@@ -230,8 +259,9 @@ def optimize(
     """
     start = time.perf_counter()
     names = resolve_passes(passes)
-    proto, where = _load(src)
-    original = _to_ir(proto, where)
+    source = _Source(src)
+    where = source.where
+    original = source.fresh()  # external tensors are mapped lazily: nothing is read until a pass needs it
     ops_before, bytes_before, opset_before = (
         op_histogram(original),
         initializer_bytes(original),
@@ -239,13 +269,14 @@ def optimize(
     )
     base = PassContext(target_opset=target_opset, allow_weight_copies=allow_weight_copies)
     tol = tolerance_for("fp32", atol, rtol)  # the project's fp32 defaults unless overridden
-    verifier = _Verifier(proto, tol.atol, tol.rtol, seed) if verify else None
+    scratch = Path(dst).parent if dst is not None else None
+    verifier = _Verifier(source, tol.atol, tol.rtol, seed, scratch) if verify else None
 
     disabled: set[tuple[str, str]] = set()
     disabled_events: list[RuleEvent] = []
     verification: VerificationReport | None = None
     for attempt in range(1, MAX_DISABLED + 2):
-        run = _attempt(proto, names, base, disabled, original if attempt == 1 else None)
+        run = _attempt(source, names, base, disabled, original if attempt == 1 else None)
         if verifier is None:
             break
         ok, metrics, error = verifier.check(run.model)
@@ -263,7 +294,7 @@ def optimize(
         if ok:
             break
         applied = [e for e in run.events if e.status == "applied"]
-        culprit = _bisect(proto, names, base, disabled, applied, verifier)
+        culprit = _bisect(source, names, base, disabled, applied, verifier)
         detail = error or "; ".join(f"{m.name}: max abs {m.max_abs:.3g}" for m in metrics if not m.passed)
         if culprit is None:
             modifying = sorted({e.rule for e in applied}) or list(names)
@@ -293,10 +324,9 @@ def optimize(
             )
         )
 
-    optimized = ir.serde.serialize_model(run.model)
     out_path: str | None = None
     if dst is not None:
-        save_onnx(optimized, Path(dst))
+        save_ir(run.model, Path(dst), external=True if source.external else None)
         out_path = str(dst)
     events = [*run.events, *disabled_events]
     return OptimizeReport(

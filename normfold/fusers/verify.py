@@ -10,6 +10,7 @@ by far more.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,21 +31,22 @@ class OrtRunError(RuntimeError):
     """ONNX Runtime could not load or run a model; the message is ORT's."""
 
 
-def _session(model_bytes: bytes) -> Any:
+def _session(model: bytes | Path) -> Any:
     try:
-        return create_session(model_bytes, ["CPUExecutionProvider"], _NO_FUSIONS)
+        return create_session(model, ["CPUExecutionProvider"], _NO_FUSIONS)
     except OnnxLoadError as e:
         raise OrtRunError(str(e)) from e
 
 
-def seeded_feeds(model_bytes: bytes, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of the model's real shapes/dtypes (symbolic dims → 1)."""
-    return random_feeds(tensor_metas(_session(model_bytes).get_inputs()), seed=seed, dynamic_dim=1)
+def seeded_feeds(model: bytes | Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the model's real shapes/dtypes (symbolic dims → 1); ``model`` is its bytes or
+    its file (a file for models with external data)."""
+    return random_feeds(tensor_metas(_session(model).get_inputs()), seed=seed, dynamic_dim=1)
 
 
-def run_model(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """All graph outputs of ``model_bytes`` on ORT CPU."""
-    sess = _session(model_bytes)
+def run_model(model: bytes | Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All graph outputs of ``model`` (bytes or a file) on ORT CPU."""
+    sess = _session(model)
     names = [o.name for o in sess.get_outputs()]
     try:
         values = sess.run(names, feeds)

@@ -207,18 +207,16 @@ def compare(
             if precision != "fp32":  # a low-precision model's outputs are judged in the reference dtype
                 produced = {k: _as_input(v, np.dtype(np.float32)) for k, v in produced.items()}
             comparison = _compare_outputs(name, runner.output_names, produced, reference, tol)
-            if per_layer:
-                from normfold.numerics.layers import compare_layers
+        if per_layer:  # after the session above is closed: one copy of the weights in ORT at a time
+            from normfold.numerics.layers import compare_layers
 
-                comparison.layers = compare_layers(module, tensors, onnx_path, backend, opts, tol, trace)
-                first = comparison.layers.first_divergence
-                if comparison.passed and first is not None:
-                    # The verdict is the outputs'; a diverging layer masked downstream (ReLU, pooling) is
-                    # still worth knowing: other inputs may not mask it.
-                    comparison.reason = (
-                        f"outputs within tolerance, but layer {first.module} diverges (masked downstream)"
-                    )
-            report.backends[name] = comparison
+            comparison.layers = compare_layers(module, tensors, onnx_path, backend, opts, tol, trace)
+            first = comparison.layers.first_divergence
+            if comparison.passed and first is not None:
+                # The verdict is the outputs'; a diverging layer masked downstream (ReLU, pooling) is
+                # still worth knowing: other inputs may not mask it.
+                comparison.reason = f"outputs within tolerance, but layer {first.module} diverges (masked downstream)"
+        report.backends[name] = comparison
     return report
 
 

@@ -71,6 +71,7 @@ from normfold.exporter.provenance import is_ancestor, module_path, module_prefix
 from normfold.io import save_onnx
 from normfold.numerics.metrics import TensorMetrics, compare_tensors
 from normfold.numerics.tolerances import Tolerance
+from normfold.onnx_files import PROTOBUF_LIMIT, data_file_name, has_external_data, read_graph
 from normfold.runtime.base import Backend, SessionOptions
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,6 @@ REASON_NOT_CALLED = "never called"
 REASON_CALLS = "calls not separable"
 
 _ROOT_LABEL = "<root>"
-_INLINE_LIMIT = 1_800_000_000  # protobuf's 2 GiB limit, with the margin normfold.io uses
 
 
 def max_magnitude(reference: np.ndarray) -> float:
@@ -778,7 +778,7 @@ def compare_layers(
         for (order, j), m in matches.items()
         if m.value is not None and calls[order].outputs[j] is not None
     }
-    produced, extra = _run_instrumented(proto, g, wanted, inputs, backend, options)
+    produced, extra = _run_instrumented(proto, g, wanted, inputs, backend, options, Path(onnx_path))
     report = LayerReport(backend=backend.name, onnx_path=str(onnx_path), tolerance=tol, extra_outputs=extra)
     n_calls: dict[str, int] = {}
     for c in calls:
@@ -860,32 +860,84 @@ def _run_instrumented(
     inputs: Sequence[torch.Tensor],
     backend: Backend,
     options: SessionOptions | None,
+    model_path: Path,
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Expose the ``wanted`` values as extra outputs of ``proto`` (a fresh copy of the file), run it once.
+    """Expose the ``wanted`` values as extra outputs of ``proto`` (a fresh copy of the file) and run it.
 
     Each extra output carries the graph's ``value_info`` for it, or, where the graph has none, the dtype
-    of the eager tensor it is compared with. Returns every produced array by value name (graph inputs
-    included, as fed) and how many outputs were added.
+    of the eager tensor it is compared with. The outputs are chunked so one run never holds more than
+    :func:`_output_budget` bytes of them (one run for everything unless memory is short; each further
+    chunk costs one more session). Returns every produced array by value name (graph inputs included, as
+    fed) and how many outputs were added.
     """
     feeds = {name: t.detach().cpu().numpy() for name, t in zip(g.graph_inputs, inputs, strict=True)}
-    graph = proto.graph
     taken = set(g.graph_outputs) | set(feeds)
-    added = 0
+    extra: list[tuple[onnx.ValueInfoProto, int]] = []
     for name, ref in wanted.items():
         if name in taken:
             continue
         taken.add(name)
         info = g.infos.get(name)
-        if info is not None and info.type.tensor_type.elem_type:
-            graph.output.append(info)
-        else:
+        if info is None or not info.type.tensor_type.elem_type:
             elem = onnx.helper.np_dtype_to_tensor_dtype(ref.dtype)
-            graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-        added += 1
+            info = onnx.helper.make_tensor_value_info(name, elem, None)
+        extra.append((info, ref.nbytes))
+    produced: dict[str, np.ndarray] = dict(feeds)
+    n_outputs = len(proto.graph.output)
+    for chunk in _chunks(extra, _output_budget()):
+        del proto.graph.output[n_outputs:]
+        proto.graph.output.extend(chunk)
+        produced.update(_run_copy(proto, model_path, feeds, backend, options))
+    return produced, len(extra)
+
+
+def _chunks(extra: list[tuple[onnx.ValueInfoProto, int]], budget: int) -> list[list[onnx.ValueInfoProto]]:
+    """Consecutive groups of outputs of at most ``budget`` bytes each (at least one output per group)."""
+    chunks: list[list[onnx.ValueInfoProto]] = [[]]
+    used = 0
+    for info, nbytes in extra:
+        if chunks[-1] and used + nbytes > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(info)
+        used += nbytes
+    return chunks
+
+
+def _output_budget() -> int:
+    """Bytes of extra outputs one run may hold: a quarter of the memory available now (the eager
+    references of the same layers are already in memory), at least 64 MiB."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            kib = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 1 << 30
+    return max(64 << 20, kib * 1024 // 4)
+
+
+def _run_copy(
+    proto: onnx.ModelProto,
+    model_path: Path,
+    feeds: dict[str, np.ndarray],
+    backend: Backend,
+    options: SessionOptions | None,
+) -> dict[str, np.ndarray]:
+    """Run the instrumented copy once. A model with external data keeps referencing its data file: the
+    copy (graph only) is written beside the original as a hidden scratch file, never the weights."""
     opts = dataclasses.replace(options) if options is not None else SessionOptions()
-    with tempfile.TemporaryDirectory(prefix="normfold-layers-", dir=_scratch_dir()) as tmp:
-        path = Path(tmp) / "per_layer.onnx"
-        if proto.ByteSize() < _INLINE_LIMIT:  # a private scratch file: no atomic rename needed
+    external = has_external_data(proto)
+    folder = str(model_path.parent) if external else _scratch_dir()
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{model_path.stem}.per-layer.", suffix=".onnx", dir=folder)
+    except OSError as e:
+        raise OnnxLoadError(
+            f"per-layer needs a scratch copy of the graph beside {model_path} (its external data is "
+            f"referenced, not copied), and that folder is not writable: {e}"
+        ) from e
+    os.close(fd)
+    path = Path(name)
+    try:
+        if proto.ByteSize() < PROTOBUF_LIMIT:  # a private scratch file: no atomic rename needed
             path.write_bytes(proto.SerializeToString())
         else:
             save_onnx(proto, path)  # external data beside it
@@ -895,8 +947,10 @@ def _run_instrumented(
                 raise InputSpecError(
                     f"the instrumented model takes inputs {runner.input_names}, the graph declares {sorted(feeds)}"
                 )
-            produced = runner.infer(run_feeds)
-    return {**feeds, **produced}, added
+            return runner.infer(run_feeds)
+    finally:
+        path.unlink(missing_ok=True)
+        path.with_name(data_file_name(path)).unlink(missing_ok=True)
 
 
 def _fill_metrics(
@@ -995,17 +1049,12 @@ def _credit_exporter_fusions(
 
 
 def _load_proto(path: str | Path) -> onnx.ModelProto:
-    """The ONNX file as a fresh protobuf (the instrumented copy is built on it); errors as OnnxLoadError.
+    """The ONNX graph as a fresh protobuf without its weights (the instrumented copy is built on it),
+    external-data locations checked; errors as OnnxLoadError.
 
     No checker pass: the backend has just loaded the same file, and checking costs more than the run.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise OnnxLoadError(f"ONNX file not found: {p}")
-    try:
-        return onnx.load(str(p))
-    except Exception as e:  # protobuf raises DecodeError and friends
-        raise OnnxLoadError(f"{p} is not a readable ONNX model ({type(e).__name__}: {e})") from e
+    return read_graph(path)
 
 
 def _effective_sources(layer: LayerResult, by_name: dict[str, LayerResult]) -> list[str]:

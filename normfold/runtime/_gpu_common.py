@@ -13,12 +13,11 @@ and :func:`widen_profile` grows one that a later feed falls outside of.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from normfold.errors import InputSpecError, OnnxLoadError, UsageError
+from normfold.errors import InputSpecError, UsageError
 
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "normfold-cache"
 
@@ -38,12 +37,9 @@ def flag(value: bool) -> str:
 
 def onnx_input_shapes(onnx_path: str | Path) -> dict[str, ShapeSpec]:
     """Graph inputs (initializers excluded) → dims: int, symbolic name, or None when unnamed and unknown."""
-    import onnx
+    from normfold.onnx_files import read_graph
 
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as e:  # DecodeError, OSError
-        raise OnnxLoadError(f"could not read {str(onnx_path)!r} as an ONNX model: {e}") from e
+    model = read_graph(onnx_path)  # external-data locations checked before the parser follows them
     initializers = {t.name for t in model.graph.initializer}
     shapes: dict[str, ShapeSpec] = {}
     for vi in model.graph.input:
@@ -179,8 +175,9 @@ def converted_model(onnx_path: Path, precision: str, cache_dir: Path) -> Path:
     if precision not in LOW_PRECISIONS:
         raise UsageError(f"precision {precision!r} is not one of fp32, tf32, fp16, bf16")
     from normfold.fusers.precision import convert_precision
+    from normfold.onnx_files import model_digest
 
-    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:16]
+    digest = model_digest(onnx_path)[:16]  # the model and its external data
     dst = cache_dir / "converted" / f"{onnx_path.stem}.{digest}.{precision}.onnx"
     if not dst.exists():
         convert_precision(onnx_path, dst, precision=precision, keep_io_types=True)  # type: ignore[arg-type]

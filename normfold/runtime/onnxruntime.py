@@ -75,13 +75,17 @@ def create_session(
     """Create an ``InferenceSession``; ORT's own load errors become :class:`OnnxLoadError`.
 
     ``configure`` may adjust the ``onnxruntime.SessionOptions`` first (e.g. turn on profiling).
+    Give a path wherever there is one: ORT then reads external data itself, beside the model, after
+    :func:`normfold.onnx_files.read_graph` has checked every location (bytes cannot carry external data).
     """
     import onnxruntime as ort
 
+    from normfold.onnx_files import read_graph
+
     opts = options or SessionOptions()
     src = str(model) if isinstance(model, Path) else model
-    if isinstance(src, str) and not Path(src).exists():
-        raise OnnxLoadError(f"ONNX file not found: {src}")
+    if isinstance(src, str):
+        read_graph(src)  # missing file, unreadable proto or unsafe external data: a clear error first
     with capture_native_stderr() as native, contextlib.redirect_stdout(io.StringIO()):
         try:
             so = make_session_options(opts)

@@ -94,7 +94,7 @@ def run_onnx(
     """Run ``onnx_path`` once on ``backend``; optionally save the outputs to an npz."""
     from normfold.io import load_onnx
 
-    load_onnx(onnx_path)  # clear error for a missing or corrupt file before any backend work
+    load_onnx(onnx_path, load_external_data=False)  # clear error for a bad file before any backend work
     be = get_backend(backend)
     overrides: dict[str, tuple[int, ...]] = {}
     if input_specs:

@@ -101,14 +101,6 @@ def engine_cache_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class EngineBuild:
     """Where an engine is (or will be) cached and how it was built."""
@@ -153,6 +145,8 @@ def build_engine(
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
 
+    from normfold.onnx_files import model_digest
+
     opts = options or SessionOptions()
     cache_dir = opts.cache_dir or DEFAULT_CACHE_DIR
     model = converted_model(Path(onnx_path), opts.precision, cache_dir)
@@ -161,7 +155,7 @@ def build_engine(
         profiles = engine_profiles(onnx_input_shapes(model), opts)
     profiles = list(profiles)
     key = engine_cache_key(
-        sha256_file(model),
+        model_digest(model),  # the weights in NAME.data are part of the engine
         trt.__version__,
         gpu_name() or "unknown-gpu",
         precision=opts.precision,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,8 @@ from typing import Literal
 import onnx
 
 from normfold.errors import BackendUnavailableError, OnnxLoadError, UsageError
-from normfold.io import write_text
+from normfold.io import atomic_dir, write_text
+from normfold.onnx_files import copy_external_data, read_graph, resolve_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +126,10 @@ def _quote(text: str) -> str:
 
 
 def _load_graph_io(onnx_path: Path) -> onnx.ModelProto:
+    """The graph without its weights; every external-data location checked (:mod:`normfold.onnx_files`)."""
     if not onnx_path.is_file():
         raise OnnxLoadError(f"ONNX model {str(onnx_path)!r} does not exist; expected a path to a .onnx file.")
-    try:
-        return onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError, OSError, ValueError depending on the damage
-        raise OnnxLoadError(f"could not read {str(onnx_path)!r} as an ONNX model: {e}") from e
+    return read_graph(onnx_path)
 
 
 def _tensors(
@@ -247,17 +245,6 @@ def validate_config(text: str) -> bool:
     return True
 
 
-def _external_data_files(model: onnx.ModelProto) -> list[str]:
-    """Relative locations of external-data files the model refers to (they must travel with it)."""
-    locations: set[str] = set()
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    return sorted(locations)
-
-
 def _build_plan(onnx_path: Path, *, fp16: bool, max_batch: int) -> Path:
     """Build a serialized engine with the ``trt`` backend (GPU + TensorRT needed; else the exact reason)."""
     from normfold.runtime.base import SessionOptions
@@ -349,9 +336,10 @@ def write_triton_repo(
                 "given; build one with the trt backend (normfold.runtime.tensorrt) and pass engine_path "
                 "(CLI: --engine), or use --platform onnxruntime."
             )
-        engine_file: Path | None = Path(engine_path)
-        if not engine_file.is_file() or engine_file.stat().st_size == 0:
-            raise UsageError(f"engine {str(engine_file)!r} does not exist or is empty.")
+        plan = Path(engine_path)
+        if not plan.is_file() or plan.stat().st_size == 0:
+            raise UsageError(f"engine {str(plan)!r} does not exist or is empty.")
+        engine_file: Path | None = plan
         if kind == "cpu":
             raise UsageError("a TensorRT plan runs on GPU only; instance kind 'cpu' is impossible.")
         kind = "gpu"
@@ -396,38 +384,15 @@ def write_triton_repo(
         raise UsageError(
             f"model directory {str(model_dir)!r} is not empty; pass overwrite=True (CLI: --overwrite) to replace it."
         )
-    repo_dir.mkdir(parents=True, exist_ok=True)
-
-    staging = Path(tempfile.mkdtemp(dir=repo_dir, prefix=f".{name}.staging."))
-    try:
+    refs = resolve_external_data(model, onnx_path) if engine_file is None else []
+    with atomic_dir(model_dir) as staging:
         version_dir = staging / VERSION
         version_dir.mkdir()
         model_filename = MODEL_FILENAMES[platform]
-        if engine_file is not None:
-            shutil.copyfile(engine_file, version_dir / model_filename)
-        else:
-            shutil.copyfile(onnx_path, version_dir / model_filename)
-            for location in _external_data_files(model):
-                src = onnx_path.parent / location
-                if not src.is_file():
-                    raise OnnxLoadError(
-                        f"{str(onnx_path)!r} refers to external data {location!r}, which is missing next to it."
-                    )
-                dst = version_dir / location
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
-                notes.append(f"copied external data {location!r}")
+        shutil.copyfile(engine_file if engine_file is not None else onnx_path, version_dir / model_filename)
+        for location in copy_external_data(refs, version_dir):
+            notes.append(f"copied external data {location!r}")
         write_text(staging / "config.pbtxt", text)
-        if model_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=repo_dir, prefix=f".{name}.old."))
-            os.replace(model_dir, old / name)
-            os.replace(staging, model_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, model_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
     logger.info("wrote Triton model %s (%s) to %s", name, TRITON_PLATFORMS[platform], model_dir)
     return TritonRepoReport(

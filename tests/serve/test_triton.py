@@ -156,7 +156,7 @@ def test_bad_inputs_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(OnnxLoadError, match="does not exist"):
         write_triton_repo(tmp_path / "missing.onnx", tmp_path / "repo")
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all \xff\xff")
-    with pytest.raises(OnnxLoadError, match="could not read"):
+    with pytest.raises(OnnxLoadError, match="not a readable ONNX model"):
         write_triton_repo(tmp_path / "junk.onnx", tmp_path / "repo")
     with pytest.raises(UsageError, match="needs max_batch > 0"):
         write_triton_repo(onnx_path, tmp_path / "repo", dynamic_batching=True)

@@ -16,6 +16,7 @@ from normfold.fusers.precision.auto import AutoPrecision, AutoRound, load_proto,
 from normfold.fusers.precision.convert_pass import ConversionIssue, Precision, PrecisionPass
 from normfold.fusers.precision.islands import DECOMPOSED_NORM, DEFAULT_FP32_OPS, Island, find_islands, name_nodes
 from normfold.io import save_onnx
+from normfold.onnx_files import uses_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def convert_precision(
     path = None
     if dst is not None:
         path = Path(dst)
-        save_onnx(out, path)
+        save_onnx(out, path, external=True if uses_external_data(src) else None)
     return PrecisionReport(
         path=path,
         precision=precision,
