@@ -176,6 +176,7 @@ class GateConfig(_Strict):
     # Not file keys: where the config came from, and what relative paths in it are relative to.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="<in-memory config>")
+    _path: Path | None = PrivateAttr(default=None)
 
     @property
     def base_dir(self) -> Path:
@@ -184,6 +185,11 @@ class GateConfig(_Strict):
     @property
     def source(self) -> str:
         return self._source
+
+    @property
+    def path(self) -> Path | None:
+        """The file the config was read from (None for an in-memory or built-in config)."""
+        return self._path
 
     @field_validator("require")
     @classmethod
@@ -290,4 +296,6 @@ def load_config(path: str | Path | None = None) -> GateConfig:
             raise ConfigError(f"{p} has no [tool.normfold] table; expected the gate config there")
         data = tool["normfold"]
         source = f"{p} [tool.normfold]"
-    return config_from_dict(data, source=source, base_dir=p.parent)
+    config = config_from_dict(data, source=source, base_dir=p.parent)
+    config._path = p
+    return config

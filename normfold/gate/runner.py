@@ -137,11 +137,10 @@ def run_gate(
     previous = load_baseline(baseline_path) if baseline_path is not None else None
     specs = plan_cases(config, require=require, baseline=previous, update=update_baseline_file)
     reports = _report_paths(config, junit=junit, summary=summary, html=html, json_path=json_path)
-    config_file = Path(config.source.split(" [", 1)[0])
     for kind, path in reports.items():  # before minutes of cases, not after
-        check_output(path, inputs=[config_file if config_file.is_file() else None, baseline_path], flag=kind)
+        check_output(path, inputs=[config.path, baseline_path], flag=kind)
     if update_baseline_file and baseline_path is not None:
-        check_output(baseline_path, inputs=[config_file if config_file.is_file() else None], flag="baseline")
+        check_output(baseline_path, inputs=[config.path], flag="baseline")
     if executor_name in ("local", "process"):
         # Same machine: probe each backend once here instead of once per worker (a CUDA probe costs seconds).
         # Ray cases probe where they run, since the cluster's machines may differ from this one.
