@@ -7,11 +7,12 @@ their hidden ``.NAME.XXXX.tmp`` and ``TemporaryDirectory`` leaves its folder. He
 ``finally``. Each signal is also recorded: third-party code sometimes swallows the interrupt and fails
 with something else (torch's exporter reports an interrupted import as ``AttributeError``), and the CLI
 still reports the signal, never "bad input". A second signal while unwinding is recorded, not raised, so
-cleanup is not cut short.
+cleanup is not cut short; a third ends the process at once.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -22,11 +23,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 _received: list[int] = []
+_HARD_EXIT_AFTER = 3  # a third signal ends the process at once (cleanup stuck in native code)
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
     first = not _received
     _received.append(signum)
+    if len(_received) >= _HARD_EXIT_AFTER:
+        os._exit(received() or EXIT_INTERRUPTED)  # the user insists: stop now, even mid-cleanup
     if not first:
         return  # already unwinding: let the cleanup finish
     if signum == signal.SIGTERM:
