@@ -55,3 +55,18 @@ class NumericMismatchError(NormfoldError):
     """Outputs differ beyond tolerance where the caller asked for an exception instead of a report."""
 
     exit_code = 1
+
+
+class ModelCodeError(UsageError):
+    """The user's model code (factory, ``forward``, weights loading) exited the process or raised something
+    that is not an ``Exception``; the guard in :mod:`normfold.models.guard` turns it into this one-line error."""
+
+
+class OutputPathError(UsageError):
+    """An output destination that cannot be written: a read-only folder, a file where a folder is needed,
+    or one of the command's own inputs."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's ``KeyboardInterrupt`` so every ``finally`` (atomic
+    writers, temporary folders, worker processes) cleans up the same way; the CLI exits 143 on it."""

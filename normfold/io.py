@@ -12,23 +12,84 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import onnx
 
-from normfold.errors import UsageError
+from normfold.errors import OutputPathError, UsageError
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest part of ``path`` (itself included) that exists; relative paths end at the cwd."""
+    current = path
+    while not current.exists() and current.parent != current:
+        current = current.parent
+    return current
+
+
+def _probe_writable(directory: Path, shown: Path) -> None:
+    """Create and delete a temporary file in ``directory``: the only test that root, ACLs and read-only
+    mounts all answer truthfully (``os.access`` says yes to root on a read-only mount)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".normfold-probe.", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {shown}: {e.strerror or e} ({directory})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_output(
+    path: str | Path | None, *, inputs: Sequence[str | Path | None] = (), kind: str = "file", flag: str = ""
+) -> None:
+    """Refuse an output destination before any work is done, with one line naming it.
+
+    ``kind="file"``: not a directory, its folder writable (or creatable). ``kind="dir"``: not a file, and
+    writable (or creatable). Never one of ``inputs``: ``run m.onnx -o m.onnx`` would destroy the model.
+    """
+    if path is None:
+        return
+    target = Path(path)
+    shown = f"{flag} {target}".strip()
+    for source in inputs:
+        if source is not None and _same_file(target, Path(source)):
+            raise OutputPathError(f"{shown} is also an input of this command; writing it would destroy the input")
+    if kind == "dir":
+        if target.exists() and not target.is_dir():
+            raise OutputPathError(f"{shown} is an existing file; expected a directory (or a path to create)")
+    elif target.is_dir():
+        raise OutputPathError(f"{shown} is a directory; expected a file path")
+    folder = target if kind == "dir" and target.exists() else target.parent
+    ancestor = _existing_ancestor(folder)
+    if not ancestor.is_dir():
+        raise OutputPathError(f"cannot write {shown}: {ancestor} is a file, not a directory")
+    _probe_writable(ancestor, target)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it."""
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it.
+
+    The temporary file is removed on any way out, including ``KeyboardInterrupt`` and SIGTERM (the CLI
+    turns it into :class:`~normfold.errors.Terminated`); file-system refusals are one-line
+    :class:`OutputPathError` s.
+    """
     target = Path(path)
     if target.exists() and target.is_dir():
         raise UsageError(f"output path {target} is a directory; expected a file path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {target}: {e.strerror or e}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     umask = os.umask(0)

@@ -12,7 +12,10 @@ from normfold.cli._app import app
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: SIGINT and SIGTERM unwind (cleanup runs) and exit 130 / 143."""
+    from normfold.cli import _signals
+
+    _signals.install()
     app()
 
 

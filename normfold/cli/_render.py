@@ -31,22 +31,22 @@ def backends_table(statuses: list[BackendStatus]) -> Table:
     table.add_column("reason / description", overflow="fold")
     for s in statuses:
         table.add_row(
-            s.name,
+            escape(s.name),
             verdict(s.available, "yes" if s.available else "no"),
             ",".join(s.precisions),
-            s.reason or s.description,
+            escape(s.reason or s.description),
         )
     return table
 
 
 def compare_table(report: CompareReport) -> Table:
-    table = Table(title=f"{report.model} vs eager ({report.precision}: {report.tolerance.describe()})")
+    table = Table(title=escape(f"{report.model} vs eager ({report.precision}: {report.tolerance.describe()})"))
     for col in ("backend", "output", "shape", "max abs", "max rel", "cosine", "rel L2", "mismatch", "verdict"):
         table.add_column(col, justify="right" if col not in ("backend", "output", "verdict") else "left")
     for name, b in report.backends.items():
         if not b.outputs:
             table.add_row(
-                name,
+                escape(name),
                 "-",
                 "-",
                 "-",
@@ -59,8 +59,8 @@ def compare_table(report: CompareReport) -> Table:
             continue
         for out_name, m in b.outputs.items():
             table.add_row(
-                name,
-                out_name,
+                escape(name),
+                escape(out_name),
                 "x".join(map(str, m.shape)),
                 num(m.max_abs),
                 num(m.max_rel),
@@ -115,7 +115,9 @@ def layers_table(layers: LayerReport, title: str = "") -> Table:
 def layers_summary(report: CompareReport, console: Console | None = None) -> None:
     """Print each backend's per-layer table and its first divergence, highlighted, on ``console``."""
     if console is None:
-        from normfold.cli._app import out as console
+        from normfold.cli._app import out
+
+        console = out
     for name, b in report.backends.items():
         layers = b.layers
         if layers is None:

@@ -125,16 +125,6 @@ def _parse_inputs(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     return {p.name: tuple(p.shape) for p in parsed}
 
 
-def _check_output(target: str | Path | None) -> None:
-    if target is None:
-        return
-    path = Path(target)
-    if path.is_dir():
-        raise UsageError(f"output path {path} is a directory; expected a file path")
-    if not path.parent.exists():
-        raise UsageError(f"output directory {path.parent} does not exist")
-
-
 def _write_json(report: BenchReport, target: str) -> None:
     payload = report.to_dict()
     if target == "-":
@@ -192,8 +182,12 @@ def bench_cmd(
     elif weights:
         raise UsageError("--weights needs --model")
     to_stdout = json_out == "-"
-    for target in (None if to_stdout else json_out, plot):
-        _check_output(target)  # before minutes of benchmarking, not after
+    from normfold.io import check_output
+
+    for target, flag in ((None if to_stdout else json_out, "--json"), (plot, "--plot")):
+        if target is not None and not Path(target).parent.exists():
+            raise UsageError(f"output directory {Path(target).parent} does not exist")
+        check_output(target, inputs=[onnx_path, baseline, weights], flag=flag)  # before the benchmark, not after
     console: Console = err if to_stdout else out
     with err.status("benchmarking…") as status:
         report = benchmark(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.markup import escape
 
 from normfold.cli._app import EXIT_CHECK_FAILED, command, csv, emit_json, out
 from normfold.cli._render import backends_table, compare_table
+from normfold.errors import UsageError
+from normfold.io import check_output
 
 if TYPE_CHECKING:
     from normfold.models.loader import LoadedModel
@@ -16,11 +19,17 @@ if TYPE_CHECKING:
 INPUT_HELP = "NAME:SHAPE[:DTYPE], e.g. x:1x3x224x224 (repeatable). Overrides the model's example input shapes."
 
 
-def _load(ref: str, weights: str | None, inputs: list[str] | None, seed: int = 0) -> LoadedModel:
+def _load(ref: str, weights: str | None, inputs: list[str] | None, seed: int | None = None) -> LoadedModel:
     from normfold.models.loader import load_model, parse_input_spec
 
     specs = [parse_input_spec(s) for s in inputs] if inputs else None
     return load_model(ref, weights=weights, inputs=specs, seed=seed)
+
+
+def ref_file(ref: str) -> Path | None:
+    """The ``.py`` file a ``path/to/file.py:factory`` reference reads (an input no output may overwrite)."""
+    target, sep, _ = ref.rpartition(":")
+    return Path(target) if sep and (target.endswith(".py") or "/" in target) else None
 
 
 @command("backends")
@@ -42,7 +51,7 @@ def zoo_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 
     from normfold.models import ZOO
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for entry in ZOO.values():
         module = entry.build()
         params = sum(p.numel() for p in module.parameters())
@@ -80,6 +89,7 @@ def export_cmd(
     """Export a model to ONNX (atomically), with provenance on every node."""
     from normfold.exporter import export
 
+    check_output(output, inputs=[weights, ref_file(model_ref)], flag="--output")
     loaded = _load(model_ref, weights, inputs)
     result = export(
         loaded, None, output, opset=opset, dynamic_batch=dynamic_batch, norm_export=norm_export, exporter=exporter
@@ -88,13 +98,13 @@ def export_cmd(
         emit_json(result.to_dict())
         return
     ops = ", ".join(f"{k}×{v}" for k, v in result.op_histogram.items())
-    out.print(f"wrote {result.path} (opset {result.opset}, {result.exporter}, {result.node_count} nodes: {ops})")
     out.print(
-        f"inputs: {', '.join(s.describe() for s in loaded.input_specs)}; provenance on "
-        f"{result.provenance_coverage:.0%} of nodes"
+        f"wrote {escape(str(result.path))} (opset {result.opset}, {result.exporter}, {result.node_count} nodes: {ops})"
     )
-    for w in result.warnings:
-        out.print(f"[yellow]warning:[/] {w}")
+    out.print(
+        f"inputs: {escape(', '.join(s.describe() for s in loaded.input_specs))} ({escape(loaded.input_source)}); "
+        f"provenance on {result.provenance_coverage:.0%} of nodes"
+    )
 
 
 @command("run")
@@ -103,26 +113,31 @@ def run_cmd(
     backend: str = typer.Option("ort-cpu", "--backend", "-b", help="Backend to run on."),
     inputs_npz: Path = typer.Option(None, "--inputs", help="npz with one array per model input."),
     inputs: list[str] = typer.Option(None, "--input", help=INPUT_HELP + " Needed for dynamic dimensions."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random inputs used without --inputs."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the random inputs used without --inputs (default 0)."),
     output: Path = typer.Option(None, "--output", "-o", help="Write the outputs to this .npz (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:
     """Run one backend on an ONNX model and summarize (or save) its outputs."""
     from normfold.runtime.run import run_onnx
 
-    result = run_onnx(onnx_path, backend, inputs_npz=inputs_npz, input_specs=inputs or None, seed=seed, output=output)
+    check_output(output, inputs=[onnx_path, inputs_npz], flag="--output")
+    if inputs_npz is not None and seed is not None:
+        raise UsageError(f"--seed {seed} would be ignored: the inputs come from {inputs_npz}")
+    result = run_onnx(
+        onnx_path, backend, inputs_npz=inputs_npz, input_specs=inputs or None, seed=seed or 0, output=output
+    )
     if as_json:
         emit_json(result.to_dict())
         return
     from rich.table import Table
 
-    out.print(f"inputs: {result.input_source}")
-    table = Table(title=f"{onnx_path} on {backend}")
+    out.print(f"inputs: {escape(result.input_source)}")
+    table = Table(title=escape(f"{onnx_path} on {backend}"))
     for col in ("output", "shape", "dtype", "min", "max", "mean"):
         table.add_column(col)
     for s in result.outputs:
         table.add_row(
-            s["name"],
+            escape(s["name"]),
             "x".join(map(str, s["shape"])),
             s["dtype"],
             f"{s['min']:.4g}",
@@ -131,7 +146,7 @@ def run_cmd(
         )
     out.print(table)
     if output:
-        out.print(f"wrote {output}")
+        out.print(f"wrote {escape(str(output))}")
 
 
 @command("compare")
@@ -145,7 +160,9 @@ def compare_cmd(
     inputs_npz: Path = typer.Option(None, "--inputs", help="npz of real inputs (one array per input name)."),
     inputs: list[str] = typer.Option(None, "--input", help=INPUT_HELP),
     weights: str = typer.Option(None, "--weights", help="state_dict checkpoint, loaded strictly."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random inputs used without --inputs."),
+    seed: int = typer.Option(
+        None, "--seed", help="Seed of the random inputs used without --inputs (default 0; refused for a factory's own)."
+    ),
     per_layer: bool = typer.Option(False, "--per-layer", help="Also diff every layer and name the first divergence."),
     report: Path = typer.Option(None, "--report", help="Write a report: .json, .md or .html (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
@@ -153,12 +170,21 @@ def compare_cmd(
     """Diff each backend's outputs against PyTorch eager; exit 1 if any output is out of tolerance."""
     from normfold.numerics import compare
 
+    backends = csv(backend)
+    if "torch" in backends:
+        raise UsageError(
+            "--backend torch is the eager reference that compare checks every backend against; "
+            "name the ONNX backends to check (e.g. --backend ort-cpu)"
+        )
+    check_output(report, inputs=[onnx_path, inputs_npz, weights, ref_file(model_ref)], flag="--report")
+    if inputs_npz is not None and seed is not None:
+        raise UsageError(f"--seed {seed} would be ignored: the inputs come from {inputs_npz}")
     loaded = _load(model_ref, weights, inputs, seed=seed)
     result = compare(
         loaded,
         onnx_path,
         inputs_npz,
-        backends=csv(backend),
+        backends=backends,
         precision=precision,
         atol=atol,
         rtol=rtol,
@@ -172,7 +198,7 @@ def compare_cmd(
     if as_json:
         emit_json(result.to_dict())
     else:
-        out.print(f"inputs: {result.input_source}")
+        out.print(f"inputs: {escape(result.input_source)}")
         out.print(compare_table(result))
         if per_layer:
             from normfold.cli._render import layers_summary
@@ -180,6 +206,6 @@ def compare_cmd(
             layers_summary(result)
         out.print("[green]PASSED[/]" if result.passed else "[red]FAILED[/]")
         if report:
-            out.print(f"wrote {report}")
+            out.print(f"wrote {escape(str(report))}")
     if not result.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 import typer
 from rich import box
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from normfold._format import num
-from normfold.cli._app import EXIT_CHECK_FAILED, EXIT_OK, command, csv, err, out
+from normfold.cli._app import EXIT_CHECK_FAILED, EXIT_OK, command, csv, emit_json, err, out
 
 if TYPE_CHECKING:
     from normfold.gate import CaseResult, CaseSpec, GateConfig, GateReport
@@ -70,7 +70,7 @@ class _ProgressSink:
         self.total = 0
         self.done = 0
         self.progress: Progress | None = None
-        self.task: int | None = None
+        self.task: TaskID | None = None
         self.started: dict[str, float] = {}
 
     def plan(self, specs: list[CaseSpec]) -> None:
@@ -131,10 +131,7 @@ def _run_and_render(
     with sink.running():
         report = run_gate(config, on_plan=sink.plan, on_start=sink.start, on_done=sink.finish, **kwargs)  # type: ignore[arg-type]
     if as_json:
-        from normfold.gate.report import report_json
-
-        out.file.write(report_json(report))
-        out.file.flush()
+        emit_json(report.to_dict())
         return report
     if not quiet:
         out.print(gate_table(report))
@@ -209,6 +206,9 @@ def demo_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar and table."),
 ) -> None:
     """The gate over the whole built-in zoo: export → optimize → compare → bench, reports in ./normfold-report/."""
+    from normfold.io import check_output
+
+    check_output(report_dir, kind="dir", flag="--report-dir")
     report_dir.mkdir(parents=True, exist_ok=True)
     report = _run_and_render(
         demo_config(),

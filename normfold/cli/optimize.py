@@ -17,9 +17,10 @@ if TYPE_CHECKING:
 
 def rules_table(report: OptimizeReport) -> Table:
     """One row per rule: how many candidate sites it saw, applied and skipped, and its wall time."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{report.source} → {report.output or '(not written)'}")
+    table = Table(title=escape(f"{report.source} → {report.output or '(not written)'}"))
     table.add_column("rule", no_wrap=True)
     for col in ("matched", "applied", "skipped", "time ms"):
         table.add_column(col, justify="right")
@@ -79,8 +80,10 @@ def optimize_cmd(
 ) -> None:
     """Fold BatchNorm/affine chains and fuse norms, verified on ORT CPU; a failing model is never written."""
     from normfold.fusers import optimize
-    from normfold.io import write_text
+    from normfold.io import check_output, write_text
 
+    check_output(output, inputs=[onnx_path], flag="--output")
+    check_output(report_path, inputs=[onnx_path, output], flag="--report")
     report = optimize(
         onnx_path,
         output,
@@ -96,6 +99,8 @@ def optimize_cmd(
     if as_json:
         emit_json(report.to_dict())
         return
+    from rich.markup import escape
+
     out.print(rules_table(report))
     sites = sites_table(report)
     if sites is not None:
@@ -111,8 +116,7 @@ def optimize_cmd(
             f"seed {v.seed}){disabled}"
         )
         for e in v.disabled:
-            out.print(f"  [yellow]disabled[/] {e.rule} at {' + '.join(e.nodes)}: {e.reason}", markup=True)
-    if output:
-        out.print(f"wrote {output}")
-    if report_path:
-        out.print(f"wrote {report_path}")
+            out.print(f"  [yellow]disabled[/] {escape(e.rule)} at {escape(' + '.join(e.nodes))}: {escape(e.reason)}")
+    for target in (output, report_path):
+        if target:
+            out.print(f"wrote {target}", markup=False, highlight=False)

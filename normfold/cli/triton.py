@@ -30,17 +30,21 @@ def triton_cmd(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:
     """Write REPO/NAME/{config.pbtxt, 1/model.onnx|model.plan}; the tensorrt platform builds a plan on a GPU."""
+    from rich.markup import escape
+
+    from normfold.io import check_output
     from normfold.serve.triton import write_triton_repo
 
+    check_output(repo, kind="dir", inputs=[onnx_path, engine], flag="--repo")
     report = write_triton_repo(
         onnx_path,
         repo,
         name=name,
-        platform=platform,  # type: ignore[arg-type]  (validated by the library)
+        platform=platform,  # type: ignore[arg-type]  # validated by the library
         max_batch=max_batch,
         dynamic_batching=dynamic_batching,
         instances=instances,
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,  # type: ignore[arg-type]  # validated by the library
         fp16=fp16,
         trt_accelerator=trt_accelerator,
         engine_path=engine,
@@ -51,7 +55,9 @@ def triton_cmd(
         emit_json(report.to_dict())
         return
     tensors = ", ".join(f"{t.name}:{t.data_type}{list(t.dims)}" for t in report.inputs)
-    out.print(f"wrote {report.model_dir} ({report.platform}, max_batch_size {report.max_batch}; inputs {tensors})")
+    out.print(
+        escape(f"wrote {report.model_dir} ({report.platform}, max_batch_size {report.max_batch}; inputs {tensors})")
+    )
     for note in report.notes:
-        out.print(f"note: {note}")
-    out.print(f"serve: tritonserver --model-repository={report.repo_dir.resolve()}")
+        out.print(f"note: {note}", markup=False, highlight=False)
+    out.print(f"serve: tritonserver --model-repository={report.repo_dir.resolve()}", markup=False, highlight=False)

@@ -8,8 +8,14 @@
   ConvTranspose+BN and Gemm+BN.
 * The result must carry the opset that was asked for. The dynamo exporter silently produces opset 18
   when asked for 17 when its down-conversion fails (NORMS.md §2); that is an :class:`ExportError`.
-* A model that arrives in training mode is put in eval mode with a warning: the dynamo exporter would
-  otherwise export a train-mode BatchNorm as an inference BatchNorm without saying so.
+* A model that arrives in training mode (or that :func:`~normfold.models.load_model` found in training
+  mode and switched) is exported in eval mode with a WARNING: the dynamo exporter would otherwise export
+  a train-mode BatchNorm as an inference BatchNorm without saying so.
+* The exporter runs the user's ``forward``: it runs under :func:`~normfold.models.guard.user_code`, so a
+  ``sys.exit`` in it is an error, not the end of the process.
+* Below opset 18 the dynamo path exports at 18 and converts down itself, putting each node's metadata
+  back by name (torch's conversion drops it: 0% provenance at opset 17). Coverage still below
+  :data:`PROVENANCE_WARN` is a WARNING naming the cause.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch import nn
 
 from normfold.errors import ExportError, UsageError
 from normfold.exporter.provenance import module_path, stamp_module_paths
+from normfold.models.guard import user_code
 from normfold.onnx_files import save_ir
 
 if TYPE_CHECKING:
@@ -46,6 +53,9 @@ EXPORTERS: tuple[str, ...] = ("dynamo", "torchscript")
 NORM_EXPORTS: tuple[str, ...] = ("native", "decomposed", "custom")
 TORCHSCRIPT_MAX_OPSET = 20
 DYNAMO_MIN_OPSET = 17
+DYNAMO_NATIVE_OPSET = 18  # torchlib's own opset: lower ones are a conversion afterwards
+#: Below this share of nodes with a module path, per-layer diffs cannot place most numbers: warn.
+PROVENANCE_WARN = 0.5
 
 
 @dataclass
@@ -137,18 +147,39 @@ def _export_dynamo(
             module,
             args,
             dynamo=True,
-            opset_version=opset,
+            opset_version=max(opset, DYNAMO_NATIVE_OPSET),
             optimize=False,
             input_names=names,
             dynamic_shapes=dynamic_shapes,
             verbose=False,
         )
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
     model: ir.Model = program.model
     optimizer.fold_constants(model)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     common_passes.RemoveUnusedNodesPass()(model)
+    if opset < DYNAMO_NATIVE_OPSET:
+        _convert_keeping_provenance(model, opset)
     return model
+
+
+def _convert_keeping_provenance(model: ir.Model, opset: int) -> None:
+    """Down-convert to ``opset`` as torch would, but keep each node's metadata (its provenance).
+
+    torch converts with onnx's C API as a fallback, which round-trips through protobuf and drops
+    ``metadata_props``, leaving 0% provenance at opset 17. Node names survive the round trip, so the
+    metadata is put back by name.
+    """
+    from onnxscript import version_converter
+
+    props = {node.name: dict(node.metadata_props) for node in model.graph.all_nodes() if node.name}
+    with contextlib.redirect_stdout(io.StringIO()):
+        version_converter.convert_version(model, target_version=opset, fallback=True)
+    for node in model.graph.all_nodes():
+        if node.name in props and not node.metadata_props:
+            node.metadata_props.update(props[node.name])
 
 
 def _export_torchscript(
@@ -208,16 +239,17 @@ def export(
     if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
         raise ExportError(f"the dynamo exporter needs opset ≥ {DYNAMO_MIN_OPSET}; use --exporter torchscript")
     notes: list[str] = []
-    if module.training:
+    if module.training or getattr(model, "was_training", False):
         msg = "the model arrived in training mode; exporting it in eval mode (running BN statistics, no dropout)"
         log.warning(msg)
         notes.append(msg)
         module.eval()
     try:
-        if exporter == "dynamo":
-            model_ir = _export_dynamo(module, args, names, opset, dynamic_batch)
-        else:
-            model_ir = ir.serde.deserialize_model(_export_torchscript(module, args, names, opset, dynamic_batch))
+        with user_code(f"{type(module).__name__}.forward (run by the {exporter} exporter)", catch_all=False):
+            if exporter == "dynamo":
+                model_ir = _export_dynamo(module, args, names, opset, dynamic_batch)
+            else:
+                model_ir = ir.serde.deserialize_model(_export_torchscript(module, args, names, opset, dynamic_batch))
     except (ExportError, UsageError):
         raise
     except Exception as e:
@@ -228,11 +260,13 @@ def export(
             f"asked for opset {opset} but the {exporter} exporter produced opset {got} "
             f"(its down-conversion failed); use --opset {got} or --exporter torchscript"
         )
-    stamp_module_paths(model_ir, modules=frozenset(name for name, _ in module.named_modules()))
+    modules = frozenset(name for name, _ in module.named_modules())
+    stamp_module_paths(model_ir, modules=modules)
     if norm_export != "native":
         model_ir = ir.serde.deserialize_model(_apply_norm_export(ir.serde.serialize_model(model_ir), norm_export))
     nodes = list(model_ir.graph)
     traced = sum(1 for n in nodes if module_path(n) is not None)
+    _warn_provenance(traced, len(nodes), exporter, opset, notes)
     target = Path(path)
     save_ir(model_ir, target)
     result = ExportResult(
@@ -250,6 +284,23 @@ def export(
     )
     log.info("exported %s nodes at opset %s to %s", result.node_count, got, target)
     return result
+
+
+def _warn_provenance(traced: int, total: int, exporter: str, opset: int, notes: list[str]) -> None:
+    """Say how much provenance is left and why, so a per-layer diff's "not in the graph" is not a surprise."""
+    if total == 0 or traced >= PROVENANCE_WARN * total:
+        return
+    cause = (
+        f"the conversion to opset {opset} renamed or dropped nodes; export at opset 18 or newer for full provenance"
+        if exporter == "dynamo" and opset < DYNAMO_NATIVE_OPSET
+        else "the exporter recorded no module scopes for most nodes"
+    )
+    msg = (
+        f"only {traced} of {total} nodes ({traced / total:.0%}) carry provenance: {cause}; "
+        f"per-layer diffs will miss the rest"
+    )
+    log.warning(msg)
+    notes.append(msg)
 
 
 def _root_cause(e: BaseException) -> str:

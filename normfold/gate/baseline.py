@@ -49,7 +49,7 @@ def load_baseline(path: str | Path) -> Baseline | None:
         return None
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"baseline {p} is not readable JSON ({e}); delete it or rerun with --update-baseline") from e
     if not isinstance(data, dict) or data.get("version") != BASELINE_VERSION or not isinstance(data.get("cases"), dict):
         raise ConfigError(

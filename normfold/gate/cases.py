@@ -201,10 +201,17 @@ def run_case(spec: CaseSpec) -> CaseResult:
     except NormfoldError as e:
         result.status, result.stage = "error", stage.name
         result.reason = f"{stage.name}: {_error_text(e)}"
-    except Exception as e:
+    except KeyboardInterrupt:
+        raise  # the user's Ctrl-C (or SIGTERM) ends the gate, not just this case
+    except BaseException as e:  # SystemExit from model code outside the guard, too: this case's error
+        from normfold.models.guard import describe_escape
+
         log.debug("case %s raised in %s:\n%s", spec.case_id, stage.name, traceback.format_exc())
         result.status, result.stage = "error", stage.name
-        result.reason = f"{stage.name}: unexpected {_error_text(e)}"
+        if isinstance(e, Exception):
+            result.reason = f"{stage.name}: unexpected {_error_text(e)}"
+        else:
+            result.reason = f"{stage.name}: model code {describe_escape(e)}"
     result.duration_s = time.perf_counter() - started
     return result
 
@@ -230,7 +237,7 @@ def _run(spec: CaseSpec, result: CaseResult, tmp: Path, stage: _Stage) -> None:
     from normfold.models.loader import load_model, parse_input_spec
 
     specs = [parse_input_spec(t) for t in spec.inputs] if spec.inputs else None
-    loaded = load_model(spec.ref, weights=spec.weights, inputs=specs, seed=int(s.get("seed", 0)))
+    loaded = load_model(spec.ref, weights=spec.weights, inputs=specs, seed=s.get("seed"))
 
     if spec.onnx:
         onnx_path = Path(spec.onnx)

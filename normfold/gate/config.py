@@ -57,7 +57,7 @@ class CaseSettings(_Strict):
     rtol: float | None = Field(default=None, ge=0)
     outputs: dict[str, OutputTolerance] = Field(default_factory=dict)
     per_layer: bool = True
-    seed: int = 0
+    seed: int | None = None  # None: 0 for random inputs, and a factory's own inputs are used as given
     bench: bool = False
     bench_warmup: int = Field(default=3, ge=0)
     bench_iters: int = Field(default=30, ge=1)
@@ -73,6 +73,19 @@ class CaseSettings(_Strict):
         if not value:
             raise ValueError("at least one precision is needed")
         return value
+
+    @field_validator("passes")
+    @classmethod
+    def _known_passes(cls, value: list[str] | None) -> list[str] | None:
+        """A misspelt pass is a config error at load, not an error in every case minutes later."""
+        if value is None:
+            return value
+        from normfold.fusers.pipeline import resolve_passes
+
+        try:
+            return resolve_passes(value)
+        except NormfoldError as e:
+            raise ValueError(str(e)) from e
 
     @field_validator("backends")
     @classmethod
@@ -107,6 +120,12 @@ class ModelConfig(_Strict):
     atol: float | None = Field(default=None, ge=0)
     rtol: float | None = Field(default=None, ge=0)
     outputs: dict[str, OutputTolerance] | None = None
+
+    @field_validator("passes")
+    @classmethod
+    def _known_passes(cls, value: list[str] | None) -> list[str] | None:
+        return CaseSettings._known_passes(value)
+
     per_layer: bool | None = None
     seed: int | None = None
     bench: bool | None = None
@@ -157,6 +176,7 @@ class GateConfig(_Strict):
     # Not file keys: where the config came from, and what relative paths in it are relative to.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="<in-memory config>")
+    _path: Path | None = PrivateAttr(default=None)
 
     @property
     def base_dir(self) -> Path:
@@ -165,6 +185,11 @@ class GateConfig(_Strict):
     @property
     def source(self) -> str:
         return self._source
+
+    @property
+    def path(self) -> Path | None:
+        """The file the config was read from (None for an in-memory or built-in config)."""
+        return self._path
 
     @field_validator("require")
     @classmethod
@@ -271,4 +296,6 @@ def load_config(path: str | Path | None = None) -> GateConfig:
             raise ConfigError(f"{p} has no [tool.normfold] table; expected the gate config there")
         data = tool["normfold"]
         source = f"{p} [tool.normfold]"
-    return config_from_dict(data, source=source, base_dir=p.parent)
+    config = config_from_dict(data, source=source, base_dir=p.parent)
+    config._path = p
+    return config

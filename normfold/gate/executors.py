@@ -6,7 +6,11 @@
   ORT hold threads). A watchdog in the parent waits on every worker's socket at once: a case past its
   ``timeout_s`` gets its worker killed, and a worker that dies mid-case (segfault in a runtime, the OOM
   killer) closes its socket, which turns into that case's ``error`` with the signal named. A fresh worker
-  replaces it; the gate itself never dies or hangs.
+  replaces it; the gate itself never dies or hangs. Workers cannot outlive the gate: each asks the
+  kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``, see :mod:`normfold.gate._worker`), runs
+  in its own session (a terminal's Ctrl-C reaches the gate, which stops them), and enforces each case's
+  deadline itself too (``timeout_s`` plus a grace period), so a timeout holds even when the parent is
+  stopped or too busy to enforce it.
 * ``ray`` submits each case as a Ray task (``ray.init(address=...)``, or a local Ray with ``jobs`` CPUs).
   At most ``jobs`` tasks are in flight so that each task's timeout counts from its own start; a task past
   its timeout is cancelled with ``force=True`` (its worker process is killed), and a crashed worker is
@@ -23,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -39,7 +44,9 @@ OnStart = Callable[[CaseSpec], None]
 OnDone = Callable[[CaseResult], None]
 
 _KILL_GRACE_S = 5.0
+_TERM_GRACE_S = 2.0  # a killed worker's case gets this long to unwind before SIGKILL
 _STOP_GRACE_S = 2.0  # idle workers hold no state: a slow interpreter shutdown is cut short
+WORKER_TIMEOUT_EXIT = 124  # a worker that ended itself at its case's deadline
 
 
 def _noop_start(spec: CaseSpec) -> None:
@@ -98,12 +105,41 @@ def run_local(
 # process
 
 
+class _SelfDeadline:
+    """Ends this worker if its case outlives ``timeout_s`` plus the parent's kill grace, parent or not.
+
+    It sends this process SIGTERM, so the case unwinds and removes its temporary folder (see
+    :mod:`normfold.gate._worker`), and hard-exits :data:`_TERM_GRACE_S` later if native code never returns.
+    """
+
+    def __init__(self, spec: CaseSpec) -> None:
+        self.spec = spec
+        self.expired = False
+        self.timer = threading.Timer(spec.timeout_s + _KILL_GRACE_S, self._expire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        sys.stderr.write(f"normfold worker: case {self.spec.case_id} passed its {self.spec.timeout_s:g} s timeout\n")
+        sys.stderr.flush()
+        hard = threading.Timer(_TERM_GRACE_S, os._exit, args=(WORKER_TIMEOUT_EXIT,))
+        hard.daemon = True
+        hard.start()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+
+
 def worker_main(fd: int) -> None:
     """Worker loop over the socket ``fd``: receive a spec, send back its result; ``None`` ends the loop."""
     import faulthandler
     import warnings
 
-    faulthandler.enable()  # a segfault in a native runtime prints the Python frames that called it
+    # A segfault in a native runtime prints the Python frames that called it (the crashing thread only:
+    # the deadline timer thread would come first and push them out of the tail).
+    faulthandler.enable(all_threads=False)
     import torch.onnx  # noqa: F401  (its import configures torch's loggers; quiet them after it)
 
     warnings.simplefilter("ignore")
@@ -114,11 +150,18 @@ def worker_main(fd: int) -> None:
     while True:
         try:
             spec = conn.recv()
-        except (EOFError, OSError):
+        except (EOFError, OSError, KeyboardInterrupt):
             return
         if spec is None:
             return
-        conn.send(run_case(spec))
+        deadline = _SelfDeadline(spec)
+        try:
+            result = run_case(spec)
+        except KeyboardInterrupt:  # SIGTERM: from the gate, the kernel (parent died) or our own deadline
+            raise SystemExit(WORKER_TIMEOUT_EXIT if deadline.expired else 143) from None
+        finally:
+            deadline.cancel()
+        conn.send(result)
 
 
 def _child_env() -> dict[str, str]:
@@ -143,8 +186,9 @@ class _Worker:
         # it goes to a file whose tail explains a crash.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115  (lives as long as the worker; closed by kill/reap)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "normfold.gate._worker", str(child.fileno())],
+            [sys.executable, "-m", "normfold.gate._worker", str(child.fileno()), str(os.getpid())],
             pass_fds=(child.fileno(),),
+            start_new_session=True,  # the gate handles Ctrl-C/SIGTERM and stops its workers itself
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self.log,
@@ -182,8 +226,13 @@ class _Worker:
         return " | ".join(kept)[:chars]
 
     def kill(self) -> None:
+        """SIGTERM first (the case unwinds and removes its temporary folder), SIGKILL after a grace."""
         if self.process.poll() is None:
-            self.process.kill()
+            self.process.terminate()
+            try:
+                self.process.wait(_TERM_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(_KILL_GRACE_S)
         self.conn.close()
@@ -225,9 +274,10 @@ def run_processes(
             deadline = min(w.started + w.spec.timeout_s for w in busy if w.spec is not None)
             ready = set(wait([w.conn for w in busy], timeout=max(0.0, deadline - now)))
             for worker in list(busy):
-                spec = worker.spec
-                if spec is None:  # cannot happen: busy workers always hold a case
+                held = worker.spec
+                if held is None:  # cannot happen: busy workers always hold a case
                     continue
+                spec = held
                 result: CaseResult | None = None
                 if worker.conn in ready:
                     try:

@@ -10,12 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from normfold.errors import ConfigError
+from normfold.errors import ConfigError, NormfoldError
 from normfold.gate.baseline import Baseline, apply_baseline, load_baseline, update_baseline
 from normfold.gate.cases import CaseResult, CaseSpec, probe_reason
 from normfold.gate.config import EXECUTORS, GateConfig, load_config
 from normfold.gate.executors import run_cases
 from normfold.gate.report import GateReport, write_json
+from normfold.io import check_output
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,11 @@ def run_gate(
         baseline_path = config.base_dir / DEFAULT_BASELINE
     previous = load_baseline(baseline_path) if baseline_path is not None else None
     specs = plan_cases(config, require=require, baseline=previous, update=update_baseline_file)
+    reports = _report_paths(config, junit=junit, summary=summary, html=html, json_path=json_path)
+    for kind, path in reports.items():  # before minutes of cases, not after
+        check_output(path, inputs=[config.path, baseline_path], flag=kind)
+    if update_baseline_file and baseline_path is not None:
+        check_output(baseline_path, inputs=[config.path], flag="baseline")
     if executor_name in ("local", "process"):
         # Same machine: probe each backend once here instead of once per worker (a CUDA probe costs seconds).
         # Ray cases probe where they run, since the cluster's machines may differ from this one.
@@ -157,14 +163,18 @@ def run_gate(
         environment=_environment(),
     )
     started = time.perf_counter()
-    kwargs: dict[str, Any] = {}
-    if on_start is not None:
-        kwargs["on_start"] = on_start
-    if on_done is not None:
-        kwargs["on_done"] = on_done
-    report.cases = run_cases(
-        specs, executor=executor_name, jobs=n_jobs, ray_address=ray_address or config.ray_address, **kwargs
-    )
+    done: dict[str, CaseResult] = {}
+    try:
+        report.cases = _run_all(
+            specs, done, executor_name, n_jobs, ray_address or config.ray_address, on_start, on_done
+        )
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: still leave reports that say which cases got no verdict, then stop.
+        report.cases = [done.get(s.case_id) or _no_verdict(s, "interrupted before a verdict") for s in specs]
+        report.duration_s = time.perf_counter() - started
+        report.notes.append("interrupted: cases without a verdict are errors")
+        _write_reports_best_effort(report, reports)
+        raise
 
     if previous is not None and not update_baseline_file:
         apply_baseline(
@@ -181,33 +191,83 @@ def run_gate(
         report.baseline_updated = True
         report.notes.append(f"baseline {baseline_path} updated ({len(stored.cases)} cases)")
     report.duration_s = time.perf_counter() - started
-    _write_reports(report, config, junit=junit, summary=summary, html=html, json_path=json_path)
+    _write_reports(report, reports)
     log.info("%s", report.verdict_line())
     return report
 
 
-def _write_reports(
-    report: GateReport,
+def _no_verdict(spec: CaseSpec, reason: str) -> CaseResult:
+    return CaseResult(
+        spec.case_id, spec.model, spec.backend, spec.precision, status="error", reason=reason, stage="executor"
+    )
+
+
+def _run_all(
+    specs: list[CaseSpec],
+    done: dict[str, CaseResult],
+    executor: str,
+    jobs: int,
+    ray_address: str | None,
+    on_start: Callable[[CaseSpec], None] | None,
+    on_done: Callable[[CaseResult], None] | None,
+) -> list[CaseResult]:
+    """Every planned case with a verdict, in plan order: a case the executor lost, or could not finish
+    because the executor itself failed, is an ``error`` saying so, never a silent gap that could pass.
+    ``done`` collects verdicts as they arrive, so an interrupted run still knows them.
+    """
+
+    def finished(result: CaseResult) -> None:
+        done[result.case_id] = result
+        if on_done is not None:
+            on_done(result)
+
+    kwargs: dict[str, Any] = {"on_done": finished}
+    if on_start is not None:
+        kwargs["on_start"] = on_start
+    try:
+        for result in run_cases(specs, executor=executor, jobs=jobs, ray_address=ray_address, **kwargs):
+            done.setdefault(result.case_id, result)
+    except (NormfoldError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        log.debug("executor %s failed", executor, exc_info=True)
+        reason = f"no verdict: the {executor} executor failed ({type(e).__name__}: {e})"
+        return [done.get(s.case_id) or _no_verdict(s, reason) for s in specs]
+    return [done.get(s.case_id) or _no_verdict(s, "no verdict: the executor returned no result") for s in specs]
+
+
+def _report_paths(
     config: GateConfig,
     *,
     junit: str | Path | None,
     summary: str | Path | None,
     html: str | Path | None,
     json_path: str | Path | None,
-) -> None:
-    from normfold.gate.html import write_html
-    from normfold.gate.junit import write_junit
-    from normfold.gate.markdown import write_markdown
-
+) -> dict[str, Path]:
+    """Where each report goes: the argument, else the config's ``[reports]`` entry; unset ones are left out."""
     paths = {
         "junit": junit or config.resolve(config.reports.junit),
         "summary": summary or config.resolve(config.reports.summary),
         "html": html or config.resolve(config.reports.html),
         "json": json_path or config.resolve(config.reports.json_path),
     }
+    return {kind: Path(path) for kind, path in paths.items() if path is not None}
+
+
+def _write_reports(report: GateReport, paths: dict[str, Path]) -> None:
+    from normfold.gate.html import write_html
+    from normfold.gate.junit import write_junit
+    from normfold.gate.markdown import write_markdown
+
     writers = {"junit": write_junit, "summary": write_markdown, "html": write_html, "json": write_json}
     for kind, path in paths.items():
-        if path is None:
-            continue
         writers[kind](report, path)
         report.written[kind] = str(path)
+
+
+def _write_reports_best_effort(report: GateReport, paths: dict[str, Path]) -> None:
+    """After an interrupt: a failing writer must not hide the signal."""
+    try:
+        _write_reports(report, paths)
+    except (NormfoldError, OSError) as e:
+        log.warning("could not write the gate's reports after the interrupt: %s", e)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from normfold.errors import InputSpecError, ModelLoadError
+from normfold.models.guard import user_code
 from normfold.models.registry import ZOO, InputSpec, seeded_inputs
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class LoadedModel:
     input_names: list[str]
     input_specs: tuple[InputSpec, ...]
     was_training: bool
+    #: Where ``example_inputs`` came from, as reports print it.
+    input_source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +88,7 @@ class LoadedModel:
             "parameters": sum(p.numel() for p in self.module.parameters()),
             "inputs": [spec.describe() for spec in self.input_specs],
             "was_training": self.was_training,
+            "input_source": self.input_source,
         }
 
 
@@ -196,10 +200,11 @@ def _import_file(path: Path) -> Any:
     directory = str(path.resolve().parent)
     sys.path.insert(0, directory)
     try:
-        spec.loader.exec_module(module)
-    except Exception as e:
+        with user_code(f"importing {path}", ModelLoadError):
+            spec.loader.exec_module(module)
+    except ModelLoadError:
         sys.modules.pop(module_name, None)
-        raise ModelLoadError(f"importing {path} raised {type(e).__name__}: {e}") from e
+        raise
     finally:
         if directory in sys.path:
             sys.path.remove(directory)
@@ -208,7 +213,8 @@ def _import_file(path: Path) -> Any:
 
 def _import_module(name: str) -> Any:
     try:
-        return importlib.import_module(name)
+        with user_code(f"importing {name!r}", ModelLoadError, catch_all=False):
+            return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name and (name == e.name or name.startswith(e.name + ".")):
             raise ModelLoadError(
@@ -238,10 +244,8 @@ def _call_factory(ref: str, factory: Any) -> tuple[nn.Module, tuple[torch.Tensor
     if isinstance(factory, nn.Module):
         result: Any = factory
     elif callable(factory):
-        try:
+        with user_code(f"factory {ref!r}", ModelLoadError):
             result = factory()
-        except Exception as e:
-            raise ModelLoadError(f"factory {ref!r} raised {type(e).__name__}: {e}") from e
     else:
         raise ModelLoadError(
             f"{ref!r} is not callable ({type(factory).__name__}); expected a factory function or class"
@@ -381,10 +385,8 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
         if unexpected and all(k.startswith("module.") for k in unexpected):
             hint = " (keys start with 'module.': strip the DataParallel prefix before saving)"
         raise ModelLoadError(f"weights {path} do not fit the model: {'; '.join(parts)}{hint}")
-    try:
+    with user_code(f"loading weights {path} into the model", ModelLoadError):
         module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ModelLoadError(f"loading weights {path} failed: {str(e).splitlines()[0]}") from e
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -395,13 +397,14 @@ def load_model(
     ref: str,
     weights: str | Path | None = None,
     inputs: Sequence[InputSpec] | None = None,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> LoadedModel:
     """Resolve ``ref`` to an eval-mode module with example inputs.
 
     ``inputs`` (parsed ``--input`` specs) override the shapes the reference provides and name the inputs;
     without them, names come from ``forward``'s signature. Example inputs from specs are drawn with
-    :func:`seeded_inputs` using ``seed``.
+    :func:`seeded_inputs` using ``seed`` (0 when None). A factory's own example inputs are used as they
+    are, so an explicit ``seed`` for them is refused rather than silently ignored.
     """
     example: tuple[torch.Tensor, ...] | None
     specs: tuple[InputSpec, ...] | None = None
@@ -420,9 +423,11 @@ def load_model(
     was_training = any(m.training for m in module.modules())
     if weights is not None:
         load_weights(module, weights)
-    module.eval()
+    with user_code(f"{type(module).__name__}.eval()", ModelLoadError):
+        module.eval()
     if was_training:
         logger.info("%s arrived in training mode; switched to eval", ref)
+    source = f"seeded random (seed {seed or 0})"
 
     if inputs:
         given = len(example) if example is not None else len(specs) if specs is not None else None
@@ -433,12 +438,18 @@ def load_model(
             )
         _check_arity(ref, module, len(inputs), "--input specs")
         specs = tuple(inputs)
-        example = seeded_inputs(specs, seed)
+        example = seeded_inputs(specs, seed or 0)
     elif specs is not None:
-        example = seeded_inputs(specs, seed)
+        example = seeded_inputs(specs, seed or 0)
     elif example is not None:
+        if seed is not None:
+            raise InputSpecError(
+                f"--seed {seed} would be ignored: {ref!r} supplies its own example inputs; "
+                f"pass --input NAME:SHAPE to draw seeded random inputs instead"
+            )
         _check_arity(ref, module, len(example), "example inputs")
         specs = _specs_from_tensors(_names_for(module, len(example)), example)
+        source = f"example inputs from the factory {ref}"
     else:
         names, _, _ = _forward_names(module)
         hint = " ".join(f"--input {n}:1x3x224x224" for n in names) or "--input x:1x3x224x224"
@@ -453,4 +464,5 @@ def load_model(
         input_names=[s.name for s in specs],
         input_specs=specs,
         was_training=was_training,
+        input_source=source,
     )

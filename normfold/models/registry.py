@@ -66,7 +66,13 @@ def register(
 
 
 def seeded_inputs(specs: tuple[InputSpec, ...] | list[InputSpec], seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Reproducible random inputs: standard normal for floats, small non-negative ints otherwise."""
+    """Reproducible random inputs: standard normal for floats, small non-negative ints otherwise.
+
+    The total size is checked against available memory first (a huge ``--input`` is refused naming it).
+    """
+    from normfold._memory import ensure_inputs_fit
+
+    ensure_inputs_fit([(s.name, s.shape, torch.empty((), dtype=s.dtype).element_size()) for s in specs])
     gen = torch.Generator().manual_seed(seed)
     out = []
     for spec in specs:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from normfold.errors import BackendUnavailableError, InputSpecError, NormfoldError
+from normfold.errors import BackendUnavailableError, InputSpecError, ModelCodeError, NormfoldError
+from normfold.models.guard import user_code
 from normfold.numerics.metrics import TensorMetrics, compare_tensors
 from normfold.numerics.tolerances import Tolerance, tolerance_for
 from normfold.runtime.base import SessionOptions
@@ -150,15 +151,20 @@ def compare(
     names = parse_backends(backends)
     module, example, input_names = _module_and_inputs(model)
     tensors, source = resolve_inputs(inputs, example, input_names)
+    if inputs is None:
+        source = getattr(model, "input_source", "") or source
     trace = None
     try:
-        if per_layer:  # one hooked eager run serves as the output reference and for every backend's layers
-            from normfold.numerics.layers import trace_eager
+        with user_code(f"{type(module).__name__}.forward", catch_all=False):
+            if per_layer:  # one hooked eager run serves as the output reference and for every backend's layers
+                from normfold.numerics.layers import trace_eager
 
-            trace = trace_eager(module, tensors)
-            reference = trace.outputs
-        else:
-            reference = run_eager(module, tensors)
+                trace = trace_eager(module, tensors)
+                reference = trace.outputs
+            else:
+                reference = run_eager(module, tensors)
+    except ModelCodeError:
+        raise
     except Exception as e:  # the user's model rejected the inputs it was given
         shapes = ", ".join("x".join(map(str, t.shape)) for t in tensors)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from normfold._memory import ensure_inputs_fit
 from normfold.errors import InputSpecError
 from normfold.io import atomic_open
 from normfold.runtime.base import SessionOptions, TensorMeta
@@ -39,28 +40,39 @@ def random_feeds(
     """Seeded standard-normal floats (small non-negative ints for integer inputs) of each input's shape.
 
     A dynamic dimension needs an override, unless ``dynamic_dim`` gives the size to use for all of them.
+    Values are drawn in the input's own dtype (float32 stays float32, never float64 then cast), after
+    checking that all inputs together fit in memory.
     """
     rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
     overrides = overrides or {}
-    for meta in metas:
-        shape = overrides.get(meta.name)
-        if shape is None and dynamic_dim is not None:
-            shape = tuple(d if isinstance(d, int) and d > 0 else dynamic_dim for d in meta.shape)
-        if shape is None:
-            if not all(isinstance(d, int) for d in meta.shape):
-                raise InputSpecError(
-                    f"input {meta.describe()} has dynamic dimensions; give its shape with --input "
-                    f"{meta.name}:{'x'.join(str(d) if isinstance(d, int) else '1' for d in meta.shape)}"
-                )
-            shape = tuple(int(d) for d in meta.shape)  # type: ignore[arg-type]
-        if np.issubdtype(meta.dtype, np.floating):
-            feeds[meta.name] = rng.standard_normal(shape).astype(meta.dtype)
+    shapes = [_feed_shape(meta, overrides, dynamic_dim) for meta in metas]
+    ensure_inputs_fit([(m.name, shape, np.dtype(m.dtype).itemsize) for m, shape in zip(metas, shapes, strict=True)])
+    feeds: dict[str, np.ndarray] = {}
+    for meta, shape in zip(metas, shapes, strict=True):
+        if meta.dtype in (np.float32, np.float64):
+            feeds[meta.name] = rng.standard_normal(shape, dtype=meta.dtype)
+        elif np.issubdtype(meta.dtype, np.floating):
+            feeds[meta.name] = rng.standard_normal(shape, dtype=np.float32).astype(meta.dtype)
         elif meta.dtype == np.bool_:
-            feeds[meta.name] = rng.integers(0, 2, shape).astype(np.bool_)
+            feeds[meta.name] = rng.integers(0, 2, shape, dtype=np.uint8).astype(np.bool_)
         else:
-            feeds[meta.name] = rng.integers(0, 10, shape).astype(meta.dtype)
+            feeds[meta.name] = rng.integers(0, 10, shape, dtype=meta.dtype)
     return feeds
+
+
+def _feed_shape(meta: TensorMeta, overrides: dict[str, tuple[int, ...]], dynamic_dim: int | None) -> tuple[int, ...]:
+    """The concrete shape to feed ``meta``: its override, its dims with ``dynamic_dim``, or its static dims."""
+    shape = overrides.get(meta.name)
+    if shape is None and dynamic_dim is not None:
+        shape = tuple(d if isinstance(d, int) and d > 0 else dynamic_dim for d in meta.shape)
+    if shape is None:
+        if not all(isinstance(d, int) for d in meta.shape):
+            raise InputSpecError(
+                f"input {meta.describe()} has dynamic dimensions; give its shape with --input "
+                f"{meta.name}:{'x'.join(str(d) if isinstance(d, int) else '1' for d in meta.shape)}"
+            )
+        shape = tuple(int(d) for d in meta.shape)  # type: ignore[arg-type]
+    return tuple(shape)
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
@@ -77,7 +89,8 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
 def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     """Write ``arrays`` to an .npz atomically (numpy would otherwise append .npz to other names)."""
     with atomic_open(path, "wb") as fh:
-        np.savez(fh, **arrays)
+        savez: Any = np.savez  # numpy's stub reads **arrays as its allow_pickle flag
+        savez(fh, **arrays)
     return Path(path)
 
 
