@@ -1,10 +1,20 @@
 """The pass pipeline and :func:`optimize`: run the passes to a fixed point, verify, write.
 
-Order (:data:`DEFAULT_PASSES`): constant folding first (the exporter's ``optimize=False`` output still
-computes zero biases and ``sqrt(var + eps)`` at run time), then BN into the layer before it, affine chains,
-BN into the conv after it, then any other registered pass (LayerNorm/GroupNorm fusion), and last the
-report-only standalone-BN rule. The list repeats until no pass changes anything (at most
-:data:`MAX_STEPS` rounds), with unused-node cleanup after every pass.
+Stages of :func:`run_pipeline`, composed with :class:`onnx_ir.passes.PassManager`:
+
+1. **prepare** (:func:`prepare_passes`, once): pin legacy provenance (it lives in node names) and make
+   names unique. *Hook:* pre-rule clean-up passes (``fusers/cleanup.py``) are appended here.
+2. **rules** (the selected passes, :data:`DEFAULT_PASSES` order, to a fixed point): a nested
+   ``PassManager(steps=MAX_STEPS, early_stop=True)``; each pass is timed and followed by unused-node
+   clean-up when it modified the model. Constant folding first (the exporter's ``optimize=False`` output
+   still computes zero biases and ``sqrt(var + eps)`` at run time), then BN into the layer before it,
+   affine chains, BN into the conv after it, then any other registered pass (LayerNorm/GroupNorm
+   fusion), and last the report-only standalone-BN rule.
+3. **lowering** (:func:`lowering_passes`, once, for ``target``): *hook* for per-target rewrites
+   (``fusers/lowering.py``); empty for the generic target.
+4. **finish** (:func:`finish_passes`, once): *hook* for post-rule clean-up passes, then a topological sort.
+
+An error in any pass becomes a :class:`FusionError` naming the pass and the passes that ran before it.
 
 Verification (on by default) compares the optimized model with the input on ORT CPU. When they differ
 beyond tolerance the failing rewrite is located by bisection over the applied sites (re-running the
@@ -27,6 +37,7 @@ from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, Topologica
 
 from normfold.errors import FusionError, OnnxLoadError, UsageError
 from normfold.exporter.provenance import stamp_module_paths
+from normfold.fusers._graph import declared_opset
 from normfold.fusers.base import PASS_REGISTRY, NormfoldPass, PassContext, RuleEvent, register_pass
 from normfold.fusers.report import (
     OptimizeReport,
@@ -35,13 +46,9 @@ from normfold.fusers.report import (
     op_histogram,
     summarize,
 )
-from normfold.fusers.verify import (
-    OrtRunError,
-    compare_outputs,
-    run_model,
-    seeded_feeds,
-)
+from normfold.fusers.verify import OrtRunError, compare_outputs, open_model, run_model, seeded_feeds
 from normfold.io import load_onnx, save_onnx
+from normfold.numerics.metrics import TensorMetrics
 from normfold.numerics.tolerances import tolerance_for
 
 logger = logging.getLogger(__name__)
@@ -75,15 +82,21 @@ def default_passes() -> list[str]:
 
 
 def resolve_passes(passes: Sequence[str] | str | None) -> list[str]:
-    """Validate pass names (a list or ``"a,b"``); unknown ones raise a UsageError listing valid ones."""
+    """Validate pass names (a list or ``"a,b"``); unknown ones raise a UsageError listing valid ones.
+
+    ``None`` means the default list; an explicitly empty selection (``""``, ``[]``, ``--passes ,,,``)
+    is an error, not "run every pass".
+    """
     if passes is None:
         return default_passes()
-    names = [p.strip() for p in passes.split(",")] if isinstance(passes, str) else [p.strip() for p in passes]
+    valid = ", ".join(sorted(PASS_REGISTRY))
+    names = [p.strip() for p in (passes.split(",") if isinstance(passes, str) else passes)]
     names = [n for n in names if n]
+    if not names:
+        raise UsageError(f"no pass names given (got {passes!r}); name at least one of: {valid}")
     unknown = [n for n in names if n not in PASS_REGISTRY]
-    if unknown or not names:
-        valid = ", ".join(sorted(PASS_REGISTRY))
-        raise UsageError(f"unknown pass name(s) {unknown or names!r}; valid names are: {valid}")
+    if unknown:
+        raise UsageError(f"unknown pass name(s) {unknown!r}; valid names are: {valid}")
     return names
 
 
@@ -96,34 +109,85 @@ class PipelineRun:
     pass_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def run_pipeline(model: ir.Model, names: Sequence[str], ctx: PassContext) -> PipelineRun:
-    """Run ``names`` in order, repeatedly until nothing changes; ``model`` is rewritten in place."""
-    seconds = dict.fromkeys(names, 0.0)
-    stamp_module_paths(model)  # legacy provenance lives in node names: pin it before anything renames
-    NameFixPass()(model)
-    cleanup = RemoveUnusedNodesPass()
-    done: list[str] = []
-    for _step in range(MAX_STEPS):
-        changed = False
-        for name in names:
-            pass_ = PASS_REGISTRY[name](ctx)
-            start = time.perf_counter()
-            try:
-                result = pass_(model)
-            except Exception as e:  # a pass bug must name the pass and its history
-                raise FusionError(
-                    f"pass {name!r} failed after passes {done}: {type(e).__name__}: {e}; "
-                    f"re-run without it (--passes) and report the model"
-                ) from e
-            if result.modified:
-                cleanup(model)
-                changed = True
-            seconds[name] += time.perf_counter() - start
-            done.append(name)
-        if not changed:
-            break
-    TopologicalSortPass()(model)
-    return PipelineRun(model, list(ctx.events), seconds)
+class _PinProvenance(ir.passes.InPlacePass):
+    """Write legacy provenance (``/layer1/conv1/Conv`` node names) into metadata before anything renames."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, stamp_module_paths(model) > 0)
+
+
+def prepare_passes() -> list[ir.passes.PassBase]:
+    """Stage 1, run once before the rules. Hook: pre-rule clean-up passes go at the end of this list."""
+    return [_PinProvenance(), NameFixPass()]
+
+
+def lowering_passes(target: str | None) -> list[ir.passes.PassBase]:
+    """Stage 3, run once after the rules' fixed point. Hook: a target's lowering passes (none yet)."""
+    del target
+    return []
+
+
+def finish_passes() -> list[ir.passes.PassBase]:
+    """Stage 4, run last. Hook: post-rule clean-up passes go before the topological sort."""
+    return [TopologicalSortPass()]
+
+
+@dataclass
+class _History:
+    """Which rule pass is running and which ran before it (for the error), and each one's seconds."""
+
+    seconds: dict[str, float]
+    done: list[str] = field(default_factory=list)
+    running: str | None = None
+
+
+class _Timed(ir.passes.InPlacePass):
+    """A rule pass as one step of the fixed point: timed, recorded, followed by unused-node clean-up."""
+
+    def __init__(self, inner: NormfoldPass, history: _History) -> None:
+        super().__init__()
+        self.inner, self.history = inner, history
+        self.cleanup = RemoveUnusedNodesPass()
+
+    def __repr__(self) -> str:
+        return self.inner.name
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.history.running = self.inner.name
+        start = time.perf_counter()
+        result = self.inner(model)
+        if result.modified:
+            self.cleanup(model)
+        self.history.seconds[self.inner.name] += time.perf_counter() - start
+        self.history.done.append(self.inner.name)
+        self.history.running = None
+        return ir.passes.PassResult(model, result.modified)
+
+
+def run_pipeline(model: ir.Model, names: Sequence[str], ctx: PassContext, *, target: str | None = None) -> PipelineRun:
+    """Run the stages (module docstring) with the rule passes ``names``; ``model`` is rewritten in place."""
+    history = _History(dict.fromkeys(names, 0.0))
+    rules = [_Timed(PASS_REGISTRY[name](ctx), history) for name in names]
+    manager = ir.passes.PassManager(
+        [
+            *prepare_passes(),
+            ir.passes.PassManager(rules, steps=MAX_STEPS, early_stop=True),
+            *lowering_passes(target),
+            *finish_passes(),
+        ]
+    )
+    try:
+        manager(model)
+    except Exception as e:  # a pass bug must name the pass and its history
+        root: BaseException = e
+        while isinstance(root, ir.passes.PassError) and root.__cause__ is not None:
+            root = root.__cause__
+        where = history.running or "pipeline stage"
+        raise FusionError(
+            f"pass {where!r} failed after passes {history.done}: {type(root).__name__}: {root}; "
+            "re-run without it (--passes) and report the model"
+        ) from e
+    return PipelineRun(model, list(ctx.events), history.seconds)
 
 
 def _load(src: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
@@ -137,10 +201,6 @@ def _to_ir(proto: onnx.ModelProto, where: str) -> ir.Model:
         return ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx_ir raises SerdeError wrapping many causes
         raise OnnxLoadError(f"'{where}' is not a valid ONNX model: {e}") from e
-
-
-def _opset(model: ir.Model) -> int | None:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
 
 
 def _sites(event: RuleEvent) -> set[tuple[str, str]]:
@@ -164,21 +224,24 @@ def _attempt(
 
 
 class _Verifier:
+    """The input model's seeded outputs, computed once; :meth:`check` runs one candidate against them."""
+
     def __init__(self, proto: onnx.ModelProto, atol: float, rtol: float, seed: int) -> None:
         self.atol, self.rtol, self.seed = atol, rtol, seed
-        data = proto.SerializeToString()
         try:
-            self.feeds = seeded_feeds(data, seed)
-            self.before = run_model(data, self.feeds)
+            with open_model(proto) as runner:  # one session for the input: feeds and reference outputs
+                self.feeds = seeded_feeds(runner, seed)
+                self.before = run_model(runner, self.feeds)
         except OrtRunError as e:
             raise OnnxLoadError(
                 f"ONNX Runtime cannot run the input model, so it cannot be verified: {e}; "
                 "fix the model or pass verify=False (--no-verify)"
             ) from e
 
-    def check(self, model: ir.Model) -> tuple[bool, list, str]:
+    def check(self, model: ir.Model) -> tuple[bool, list[TensorMetrics], str]:
         try:
-            after = run_model(ir.serde.serialize_model(model).SerializeToString(), self.feeds)
+            with open_model(ir.serde.serialize_model(model)) as runner:
+                after = run_model(runner, self.feeds)
         except OrtRunError as e:
             return False, [], f"ORT cannot run the optimized model: {e}"
         metrics = compare_outputs(self.before, after, self.atol, self.rtol)
@@ -235,7 +298,7 @@ def optimize(
     ops_before, bytes_before, opset_before = (
         op_histogram(original),
         initializer_bytes(original),
-        _opset(original),
+        declared_opset(original),
     )
     base = PassContext(target_opset=target_opset, allow_weight_copies=allow_weight_copies)
     tol = tolerance_for("fp32", atol, rtol)  # the project's fp32 defaults unless overridden
@@ -311,6 +374,6 @@ def optimize(
         pass_seconds=run.pass_seconds,
         total_seconds=time.perf_counter() - start,
         opset_before=opset_before,
-        opset_after=_opset(run.model),
+        opset_after=declared_opset(run.model),
         verification=verification,
     )
