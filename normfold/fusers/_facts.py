@@ -256,12 +256,12 @@ def _fold(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
             return None
         out_rank = a.ndim + len(axes)
         out = a
-        for axis in sorted(ax % out_rank for ax in axes):
+        for axis in sorted(int(ax) % out_rank for ax in axes):
             out = np.expand_dims(out, axis)
         return out
     if op == "Expand":
-        shape = tuple(int(s) for s in np.asarray(args[1]).reshape(-1))
-        return np.broadcast_to(a, np.broadcast_shapes(a.shape, shape)).copy()
+        dims = tuple(int(s) for s in np.asarray(args[1]).reshape(-1))
+        return np.broadcast_to(a, np.broadcast_shapes(a.shape, dims)).copy()
     if op == "Concat":
         return np.concatenate([x for x in args if x is not None], axis=attr_int(node, "axis", 0))
     if op == "Range":
@@ -269,7 +269,9 @@ def _fold(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
             return None
         return np.arange(a.item(), args[1].item(), args[2].item(), dtype=a.dtype)
     if op == "Gather":
-        return np.take(a, args[1], axis=attr_int(node, "axis", 0))
+        if args[1] is None:
+            return None
+        return np.take(a, args[1].astype(np.int64), axis=attr_int(node, "axis", 0))
     if op == "ReduceProd":
         axes = attr_ints(node, "axes")
         if len(args) > 1 and args[1] is not None:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir._core import Usage  # onnx_ir does not re-export the type of Value.uses()
 
 from normfold.exporter.provenance import MODULE_PATH_KEY, module_path, set_module_path
 
@@ -289,7 +290,7 @@ def producer_op(value: ir.Value | None) -> str | None:
     return producer.op_type if producer is not None and producer.domain in ("", "ai.onnx") else None
 
 
-def value_uses(value: ir.Value) -> list[ir.Usage]:
+def value_uses(value: ir.Value) -> list[Usage]:
     """Uses that read the value's data: ``Shape``/``Size`` and CastLike's ``target_type`` only read its
     metadata, which a fusion preserves, so they never block one (they die with the pattern or stay valid)."""
     return [

@@ -157,7 +157,7 @@ def match_core(facts: GraphFacts, mean_node: ir.Node) -> NormCore | Reject | Non
     m.add(std_node)
     assert ve is not None
     eps = 0.0
-    var = ve
+    var: ir.Value | None = ve
     add = ve.producer()
     if add is not None and add.op_type == "Add":
         a, b = add.inputs[0], add.inputs[1]
@@ -168,9 +168,10 @@ def match_core(facts: GraphFacts, mean_node: ir.Node) -> NormCore | Reject | Non
         else:
             const_like = b if producer_op(a) in _VAR_OPS else a
             array = facts.const(const_like)
+            label = const_like.name if const_like is not None else None
             if array is not None:
-                return Reject(site, f"epsilon {const_like.name!r} is not one scalar (shape {array.shape})")
-            return Reject(site, f"epsilon {const_like.name!r} is not a constant (computed at run time)")
+                return Reject(site, f"epsilon {label!r} is not one scalar (shape {array.shape})")
+            return Reject(site, f"epsilon {label!r} is not a constant (computed at run time)")
         eps = float(facts.scalar(eps_value))  # type: ignore[arg-type]
         m.add(add)
     assert var is not None
@@ -179,18 +180,26 @@ def match_core(facts: GraphFacts, mean_node: ir.Node) -> NormCore | Reject | Non
         return Reject(site, reason)
 
     output = div.outputs[0]
-    internal = {id(n) for n in m.nodes}
+    leak = _leak_reason(m.nodes, output, x)
+    if leak is not None:
+        return Reject(site, leak)
+    return NormCore(x=x, axes=axes, rank=rank, eps=eps, output=output, anchor=mean_node, nodes=m.nodes)
+
+
+def _leak_reason(nodes: list[ir.Node], output: ir.Value, x: ir.Value) -> str | None:
+    """Why a value inside the matched core is needed outside it (so the core cannot be replaced)."""
+    internal = {id(n) for n in nodes}
     graph_outputs = set(x.graph.outputs) if x.graph is not None else set()
-    for node in m.nodes:
+    for node in nodes:
         for out in node.outputs:
             if out is output:
                 continue
             if out in graph_outputs:
-                return Reject(site, f"intermediate {out.name!r} is a graph output")
+                return f"intermediate {out.name!r} is a graph output"
             for user in _consumers(out):
                 if id(user) not in internal:
-                    return Reject(site, f"intermediate {out.name!r} is also used by {user.op_type} {user.name!r}")
-    return NormCore(x=x, axes=axes, rank=rank, eps=eps, output=output, anchor=mean_node, nodes=m.nodes)
+                    return f"intermediate {out.name!r} is also used by {user.op_type} {user.name!r}"
+    return None
 
 
 _VAR_OPS = {"ReduceMean", "ReduceSum", "Div", "Mul", "Expand", "Reshape", "Unsqueeze"}

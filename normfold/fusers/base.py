@@ -294,7 +294,7 @@ def register_pass(cls: type[NormfoldPass]) -> type[NormfoldPass]:
     return cls
 
 
-R = TypeVar("R", bound=type[Rule])  # type: ignore[type-arg]
+R = TypeVar("R", bound=type[Rule])
 
 
 def register_rule(cls: R) -> R:

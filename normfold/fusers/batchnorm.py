@@ -20,9 +20,11 @@ every skipped candidate.
 
 from __future__ import annotations
 
+import abc
 import itertools
 import logging
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -60,7 +62,8 @@ def bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
     sizes = {p.size for p in params}
     if len(sizes) != 1:
         return f"BN parameters have different lengths {sorted(sizes)}"
-    return _math.bn_scale_shift(*params, eps)
+    gamma, beta, mean, var = params
+    return _math.bn_scale_shift(gamma, beta, mean, var, eps)
 
 
 def _scale_shift(bn: ir.Node) -> tuple[np.ndarray, np.ndarray]:
@@ -84,6 +87,23 @@ class BnSite(FoldSite):
     bn: ir.Node
 
 
+B = TypeVar("B", bound=BnSite)
+
+
+class _BatchNormFold(FoldRule[B]):
+    """A BN folded into a layer: the BN must be foldable (:func:`bn_affine`), then the layer is checked."""
+
+    anchors = ("BatchNormalization",)
+
+    def validate(self, site: B) -> str | None:
+        affine = bn_affine(site.bn)
+        return affine if isinstance(affine, str) else self.validate_layer(site, affine[0].size)
+
+    @abc.abstractmethod
+    def validate_layer(self, site: B, channels: int) -> str | None:
+        """Why the layer cannot absorb a ``channels``-channel BN, or None."""
+
+
 def _inputs(layer: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
     """The layer's weight and optional bias input."""
     weight = layer.inputs[1] if len(layer.inputs) > 1 else None
@@ -91,7 +111,7 @@ def _inputs(layer: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
 
 
 @register_rule
-class FuseBatchNormIntoConv(FoldRule[BnSite]):
+class FuseBatchNormIntoConv(_BatchNormFold[BnSite]):
     """``BN(Conv(x, W, B))`` → ``Conv(x, W', B')`` and the same for ConvTranspose.
 
     Conv weight ``(Cout, Cin/g, *k)``: ``W' = W·s[o]`` on axis 0. ConvTranspose weight
@@ -102,7 +122,6 @@ class FuseBatchNormIntoConv(FoldRule[BnSite]):
     """
 
     name = "fuse_bn_into_conv"
-    anchors = ("BatchNormalization",)
 
     def match(self, facts: GraphFacts, node: ir.Node) -> BnSite | None:
         y = node.inputs[0]
@@ -112,11 +131,8 @@ class FuseBatchNormIntoConv(FoldRule[BnSite]):
         weight, bias = _inputs(conv)
         return BnSite(nodes=(conv, node), anchor=node, layer=conv, weight=weight, bias=bias, bn=node)
 
-    def validate(self, site: BnSite) -> str | None:
+    def validate_layer(self, site: BnSite, channels: int) -> str | None:
         conv, bn = site.layer, site.bn
-        affine = bn_affine(bn)
-        if isinstance(affine, str):
-            return affine
         y = bn.inputs[0]
         if y is None or g.sole_consumer(y) is not bn:
             return f"{conv.op_type} output '{y.name if y else ''}' has other consumers besides the BN"
@@ -126,8 +142,8 @@ class FuseBatchNormIntoConv(FoldRule[BnSite]):
         w, _ = _weights(site)
         group = g.attr_int(conv, "group", 1)
         cout = w.shape[0] if conv.op_type == "Conv" else w.shape[1] * group
-        if cout != affine[0].size or (conv.op_type == "ConvTranspose" and w.shape[0] % group):
-            return f"BN has {affine[0].size} channels but the {conv.op_type} produces {cout}"
+        if cout != channels or (conv.op_type == "ConvTranspose" and w.shape[0] % group):
+            return f"BN has {channels} channels but the {conv.op_type} produces {cout}"
         return None
 
     def fold(self, site: BnSite) -> tuple[np.ndarray, np.ndarray]:
@@ -168,8 +184,8 @@ def _feature_layer(y: ir.Value) -> tuple[list[ir.Node], ir.Node | None]:
         chain.insert(0, node)
         node = node.inputs[0].producer() if node.inputs[0] is not None else None
     if node is not None and node.op_type == "Add" and node.domain == "":
-        mm = [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
-        mm = [p for p in mm if p.op_type == "MatMul" and p.domain == ""]
+        producers = [v.producer() for v in node.inputs if v is not None]
+        mm = [p for p in producers if p is not None and p.op_type == "MatMul" and p.domain == ""]
         if not mm:
             return chain, None
         chain.insert(0, node)
@@ -182,7 +198,7 @@ def _feature_layer(y: ir.Value) -> tuple[list[ir.Node], ir.Node | None]:
 
 
 @register_rule
-class FuseBatchNormIntoGemm(FoldRule[GemmSite]):
+class FuseBatchNormIntoGemm(_BatchNormFold[GemmSite]):
     """``BN(Gemm)``, ``BN(MatMul(+Add))`` and ``BN(Transpose(MatMul+Add))`` (Linear→BatchNorm1d).
 
     The feature axis of ``Y = α·A·B + β·C`` is N: ``B`` is ``(K, N)`` for transB=0 (scale axis 1) and
@@ -197,7 +213,6 @@ class FuseBatchNormIntoGemm(FoldRule[GemmSite]):
     """
 
     name = "fuse_bn_into_gemm"
-    anchors = ("BatchNormalization",)
 
     def match(self, facts: GraphFacts, node: ir.Node) -> GemmSite | None:
         y = node.inputs[0]
@@ -215,10 +230,7 @@ class FuseBatchNormIntoGemm(FoldRule[GemmSite]):
         nodes = (layer, *chain, node)
         return GemmSite(nodes=nodes, anchor=node, layer=layer, weight=weight, bias=bias, bn=node, chain=tuple(chain))
 
-    def validate(self, site: GemmSite) -> str | None:
-        affine = bn_affine(site.bn)
-        if isinstance(affine, str):
-            return affine
+    def validate_layer(self, site: GemmSite, channels: int) -> str | None:
         # every intermediate value must feed exactly the next node of the chain
         for producer, consumer in itertools.pairwise(site.nodes):
             if g.sole_consumer(producer.outputs[0]) is not consumer:
@@ -227,7 +239,7 @@ class FuseBatchNormIntoGemm(FoldRule[GemmSite]):
         if reason is not None:
             return reason
         w, b = _weights(site)
-        layer, channels = site.layer, affine[0].size
+        layer = site.layer
         if w.ndim != 2:
             return f"{layer.op_type} weight has rank {w.ndim}, expected 2"
         if w.shape[_gemm_axis(layer)] != channels:
@@ -310,7 +322,7 @@ def _rank(layer: ir.Node, y: ir.Value | None) -> int | None:
 
 
 @register_rule
-class FuseBatchNormIntoNextConv(FoldRule[BnSite]):
+class FuseBatchNormIntoNextConv(_BatchNormFold[BnSite]):
     """``Conv(BN(x), W, B)`` → ``Conv(x, W', B')`` when the conv has no padding.
 
     With ``k = Cin/g`` input channels per group and ``gi = o // (Cout/g)``:
@@ -322,7 +334,6 @@ class FuseBatchNormIntoNextConv(FoldRule[BnSite]):
     """
 
     name = "fuse_bn_into_next_conv"
-    anchors = ("BatchNormalization",)
 
     def match(self, facts: GraphFacts, node: ir.Node) -> BnSite | None:
         convs = [u.node for u in node.outputs[0].uses() if u.node.op_type == "Conv" and u.node.domain == ""]
@@ -331,11 +342,8 @@ class FuseBatchNormIntoNextConv(FoldRule[BnSite]):
         weight, bias = _inputs(convs[0])
         return BnSite(nodes=(node, convs[0]), anchor=node, layer=convs[0], weight=weight, bias=bias, bn=node)
 
-    def validate(self, site: BnSite) -> str | None:
+    def validate_layer(self, site: BnSite, channels: int) -> str | None:
         conv, bn = site.layer, site.bn
-        affine = bn_affine(bn)
-        if isinstance(affine, str):
-            return affine
         out = bn.outputs[0]
         if g.sole_consumer(out) is not conv or conv.inputs[0] is not out:
             return f"BN output '{out.name}' has other consumers besides the Conv input"
@@ -351,8 +359,8 @@ class FuseBatchNormIntoNextConv(FoldRule[BnSite]):
             return reason
         w, _ = _weights(site)
         group = g.attr_int(conv, "group", 1)
-        if w.shape[1] * group != affine[0].size or w.shape[0] % group:
-            return f"BN has {affine[0].size} channels but the Conv reads {w.shape[1] * group}"
+        if w.shape[1] * group != channels or w.shape[0] % group:
+            return f"BN has {channels} channels but the Conv reads {w.shape[1] * group}"
         return None
 
     def fold(self, site: BnSite) -> tuple[np.ndarray, np.ndarray]:

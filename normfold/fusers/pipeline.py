@@ -46,9 +46,8 @@ from normfold.fusers.report import (
     op_histogram,
     summarize,
 )
-from normfold.fusers.verify import OrtRunError, compare_outputs, open_model, run_model, seeded_feeds
+from normfold.fusers.verify import Verifier
 from normfold.io import load_onnx, save_onnx
-from normfold.numerics.metrics import TensorMetrics
 from normfold.numerics.tolerances import tolerance_for
 
 logger = logging.getLogger(__name__)
@@ -207,70 +206,91 @@ def _sites(event: RuleEvent) -> set[tuple[str, str]]:
     return {(event.rule, n) for n in event.nodes if n}
 
 
-def _attempt(
-    proto: onnx.ModelProto,
-    names: Sequence[str],
-    base: PassContext,
-    disabled: set[tuple[str, str]],
-    model: ir.Model | None = None,
-) -> PipelineRun:
-    """Run the pipeline on a fresh copy of ``proto`` (or on ``model``, already deserialized from it)."""
-    ctx = PassContext(
-        target_opset=base.target_opset,
-        allow_weight_copies=base.allow_weight_copies,
-        disabled_sites=set(disabled),
-    )
-    return run_pipeline(model if model is not None else _to_ir(proto, "input"), names, ctx)
+@dataclass(frozen=True)
+class _Job:
+    """What every attempt of one :func:`optimize` call shares: the input, the passes, the options."""
 
+    proto: onnx.ModelProto
+    names: list[str]
+    base: PassContext
+    target: str | None = None  # lowering target, handed to :func:`lowering_passes`
 
-class _Verifier:
-    """The input model's seeded outputs, computed once; :meth:`check` runs one candidate against them."""
-
-    def __init__(self, proto: onnx.ModelProto, atol: float, rtol: float, seed: int) -> None:
-        self.atol, self.rtol, self.seed = atol, rtol, seed
-        try:
-            with open_model(proto) as runner:  # one session for the input: feeds and reference outputs
-                self.feeds = seeded_feeds(runner, seed)
-                self.before = run_model(runner, self.feeds)
-        except OrtRunError as e:
-            raise OnnxLoadError(
-                f"ONNX Runtime cannot run the input model, so it cannot be verified: {e}; "
-                "fix the model or pass verify=False (--no-verify)"
-            ) from e
-
-    def check(self, model: ir.Model) -> tuple[bool, list[TensorMetrics], str]:
-        try:
-            with open_model(ir.serde.serialize_model(model)) as runner:
-                after = run_model(runner, self.feeds)
-        except OrtRunError as e:
-            return False, [], f"ORT cannot run the optimized model: {e}"
-        metrics = compare_outputs(self.before, after, self.atol, self.rtol)
-        return all(m.passed for m in metrics), metrics, ""
+    def attempt(self, disabled: set[tuple[str, str]], model: ir.Model | None = None) -> PipelineRun:
+        """Run the pipeline on a fresh copy of the input (or on ``model``, already deserialized from it)."""
+        ctx = PassContext(
+            target_opset=self.base.target_opset,
+            allow_weight_copies=self.base.allow_weight_copies,
+            disabled_sites=set(disabled),
+        )
+        fresh = model if model is not None else _to_ir(self.proto, "input")
+        return run_pipeline(fresh, self.names, ctx, target=self.target)
 
 
 def _bisect(
-    proto: onnx.ModelProto,
-    names: Sequence[str],
-    base: PassContext,
-    disabled: set[tuple[str, str]],
-    applied: list[RuleEvent],
-    verifier: _Verifier,
+    job: _Job, disabled: set[tuple[str, str]], applied: list[RuleEvent], verifier: Verifier
 ) -> RuleEvent | None:
     """The first applied event whose enabling makes verification fail (None: not attributable)."""
     lo, hi = 0, len(applied)  # invariant: prefix lo passes (lo=0 assumed), prefix hi fails
     off_all = set(disabled).union(*(_sites(e) for e in applied))
-    ok, _, _ = verifier.check(_attempt(proto, names, base, off_all).model)
-    if not ok:
+    if not verifier.check(job.attempt(off_all).model)[0]:
         return None
     while hi - lo > 1:
         mid = (lo + hi) // 2
         off = set(disabled).union(*(_sites(e) for e in applied[mid:]))
-        ok, _, _ = verifier.check(_attempt(proto, names, base, off).model)
-        if ok:
+        if verifier.check(job.attempt(off).model)[0]:
             lo = mid
         else:
             hi = mid
     return applied[hi - 1]
+
+
+def _culprit(job: _Job, run: PipelineRun, disabled: set[tuple[str, str]], verifier: Verifier, detail: str) -> RuleEvent:
+    """The rewrite that broke verification; a :class:`FusionError` when none can be singled out."""
+    applied = [e for e in run.events if e.status == "applied"]
+    culprit = _bisect(job, disabled, applied, verifier)
+    if culprit is None:
+        modifying = sorted({e.rule for e in applied}) or list(job.names)
+        raise FusionError(
+            f"verification failed ({detail}) and no single rewrite explains it; rules involved: "
+            f"{modifying}, nodes: {[n for e in applied for n in e.nodes][:10]}. Nothing was written; "
+            "re-run with --passes to exclude a rule, or --no-verify to inspect the output"
+        )
+    return culprit
+
+
+def _verified_run(
+    job: _Job, original: ir.Model, verifier: Verifier | None
+) -> tuple[PipelineRun, VerificationReport | None, list[RuleEvent]]:
+    """Run, verify, and on failure disable the culprit site and retry (at most :data:`MAX_DISABLED` times).
+
+    Returns the accepted run, its verification report and the ``skipped`` events of disabled sites.
+    """
+    disabled: set[tuple[str, str]] = set()
+    disabled_events: list[RuleEvent] = []
+    run = job.attempt(disabled, original)
+    if verifier is None:
+        return run, None, disabled_events
+    for attempt in range(1, MAX_DISABLED + 2):
+        if attempt > 1:
+            run = job.attempt(disabled)
+        ok, metrics, error = verifier.check(run.model)
+        verification = verifier.report(ok, metrics, attempt, list(disabled_events), error)
+        if ok:
+            break
+        detail = error or "; ".join(f"{m.name}: max abs {m.max_abs:.3g}" for m in metrics if not m.passed)
+        culprit = _culprit(job, run, disabled, verifier, detail)
+        if _sites(culprit) <= disabled or attempt > MAX_DISABLED:
+            raise FusionError(
+                f"rule {culprit.rule!r} at node(s) {list(culprit.nodes)} breaks numerics ({detail}) and "
+                "disabling it did not help. Nothing was written; exclude the rule with --passes"
+            )
+        logger.warning(
+            "rule %s at %s failed verification (%s); disabling it and retrying", culprit.rule, culprit.nodes, detail
+        )
+        disabled |= _sites(culprit)
+        reason = f"disabled: the rewrite failed verification ({detail})"
+        disabled_events.append(RuleEvent(culprit.rule, "skipped", culprit.nodes, reason))
+    return run, verification, disabled_events
 
 
 def optimize(
@@ -300,66 +320,14 @@ def optimize(
         initializer_bytes(original),
         declared_opset(original),
     )
-    base = PassContext(target_opset=target_opset, allow_weight_copies=allow_weight_copies)
+    job = _Job(proto, names, PassContext(target_opset=target_opset, allow_weight_copies=allow_weight_copies))
     tol = tolerance_for("fp32", atol, rtol)  # the project's fp32 defaults unless overridden
-    verifier = _Verifier(proto, tol.atol, tol.rtol, seed) if verify else None
+    verifier = Verifier(proto, tol, seed) if verify else None
+    run, verification, disabled_events = _verified_run(job, original, verifier)
 
-    disabled: set[tuple[str, str]] = set()
-    disabled_events: list[RuleEvent] = []
-    verification: VerificationReport | None = None
-    for attempt in range(1, MAX_DISABLED + 2):
-        run = _attempt(proto, names, base, disabled, original if attempt == 1 else None)
-        if verifier is None:
-            break
-        ok, metrics, error = verifier.check(run.model)
-        verification = VerificationReport(
-            ok,
-            tol.atol,
-            tol.rtol,
-            seed,
-            {k: list(v.shape) for k, v in verifier.feeds.items()},
-            metrics,
-            attempt,
-            list(disabled_events),
-            error,
-        )
-        if ok:
-            break
-        applied = [e for e in run.events if e.status == "applied"]
-        culprit = _bisect(proto, names, base, disabled, applied, verifier)
-        detail = error or "; ".join(f"{m.name}: max abs {m.max_abs:.3g}" for m in metrics if not m.passed)
-        if culprit is None:
-            modifying = sorted({e.rule for e in applied}) or list(names)
-            raise FusionError(
-                f"verification failed ({detail}) and no single rewrite explains it; rules involved: "
-                f"{modifying}, nodes: {[n for e in applied for n in e.nodes][:10]}. Nothing was written; "
-                "re-run with --passes to exclude a rule, or --no-verify to inspect the output"
-            )
-        if _sites(culprit) <= disabled or attempt > MAX_DISABLED:
-            raise FusionError(
-                f"rule {culprit.rule!r} at node(s) {list(culprit.nodes)} breaks numerics ({detail}) and "
-                "disabling it did not help. Nothing was written; exclude the rule with --passes"
-            )
-        logger.warning(
-            "rule %s at %s failed verification (%s); disabling it and retrying",
-            culprit.rule,
-            culprit.nodes,
-            detail,
-        )
-        disabled |= _sites(culprit)
-        disabled_events.append(
-            RuleEvent(
-                culprit.rule,
-                "skipped",
-                culprit.nodes,
-                f"disabled: the rewrite failed verification ({detail})",
-            )
-        )
-
-    optimized = ir.serde.serialize_model(run.model)
     out_path: str | None = None
     if dst is not None:
-        save_onnx(optimized, Path(dst))
+        save_onnx(ir.serde.serialize_model(run.model), Path(dst))
         out_path = str(dst)
     events = [*run.events, *disabled_events]
     return OptimizeReport(

@@ -17,8 +17,11 @@ import logging
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
-from normfold.errors import NormfoldError
+from normfold.errors import NormfoldError, OnnxLoadError
+from normfold.fusers.base import RuleEvent
+from normfold.fusers.report import VerificationReport
 from normfold.numerics.metrics import TensorMetrics, compare_tensors
 from normfold.numerics.tolerances import Tolerance
 from normfold.runtime.base import Runner, SessionOptions
@@ -66,3 +69,38 @@ def compare_outputs(
     tol = Tolerance(atol=atol, rtol=rtol)
     missing = np.full((0,), np.nan, dtype=np.float32)
     return [compare_tensors(name, after.get(name, missing), ref, tol) for name, ref in before.items()]
+
+
+class Verifier:
+    """The input model's seeded outputs, computed once (one session); :meth:`check` runs one candidate
+    model state against them in one more session."""
+
+    def __init__(self, proto: onnx.ModelProto, tol: Tolerance, seed: int) -> None:
+        self.tol, self.seed = tol, seed
+        try:
+            with open_model(proto) as runner:
+                self.feeds = seeded_feeds(runner, seed)
+                self.before = run_model(runner, self.feeds)
+        except OrtRunError as e:
+            raise OnnxLoadError(
+                f"ONNX Runtime cannot run the input model, so it cannot be verified: {e}; "
+                "fix the model or pass verify=False (--no-verify)"
+            ) from e
+
+    def check(self, model: ir.Model) -> tuple[bool, list[TensorMetrics], str]:
+        """``(passed, per-output metrics, ORT's error or "")`` for one state of the model."""
+        try:
+            with open_model(ir.serde.serialize_model(model)) as runner:
+                after = run_model(runner, self.feeds)
+        except OrtRunError as e:
+            return False, [], f"ORT cannot run the optimized model: {e}"
+        metrics = compare_outputs(self.before, after, self.tol.atol, self.tol.rtol)
+        return all(m.passed for m in metrics), metrics, ""
+
+    def report(
+        self, ok: bool, metrics: list[TensorMetrics], attempt: int, disabled: list[RuleEvent], error: str
+    ) -> VerificationReport:
+        inputs = {k: list(v.shape) for k, v in self.feeds.items()}
+        return VerificationReport(
+            ok, self.tol.atol, self.tol.rtol, self.seed, inputs, metrics, attempt, disabled, error
+        )
