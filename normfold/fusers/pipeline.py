@@ -4,7 +4,7 @@ Stages of :func:`run_pipeline`, composed with :class:`onnx_ir.passes.PassManager
 
 1. **prepare** (:func:`prepare_passes`, once): pin legacy provenance (it lives in node names) and make
    names unique. *Hook:* pre-rule clean-up passes (``fusers/cleanup.py``) are appended here.
-2. **rules** (the selected passes, :data:`DEFAULT_PASSES` order, to a fixed point): a nested
+2. **rules** (the selected passes, :func:`default_passes` order, to a fixed point): a nested
    ``PassManager(steps=MAX_STEPS, early_stop=True)``; each pass is timed and followed by unused-node
    clean-up when it modified the model. Constant folding first (the exporter's ``optimize=False`` output
    still computes zero biases and ``sqrt(var + eps)`` at run time), then BN into the layer before it,
