@@ -222,9 +222,11 @@ class RulePass(NormfoldPass, Generic[S]):
         self._emitted = False  # set by each run, read by ensures()
 
     def requires(self, model: ir.Model) -> None:
-        if self.rule.opset is not None and g.declared_opset(model) is None:
+        unversioned = self.rule.opset is not None and g.declared_opset(model) is None
+        if unversioned and any(n.domain in ("", "ai.onnx") for n in model.graph):
             raise ir.passes.PreconditionError(
-                f"rule {self.name!r} emits {self.rule.opset[1]} but the model imports no default-domain opset"
+                f"rule {self.name!r} emits new default-domain ops, but the model uses default-domain ops "
+                "without importing the default-domain opset"
             )
         super().requires(model)
 

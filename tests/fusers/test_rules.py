@@ -215,3 +215,12 @@ def test_a_failing_pass_is_named_with_the_passes_before_it() -> None:
             optimize(_relu_clip(), passes=["fold_constants", _Boom.name], verify=False)
     finally:
         PASS_REGISTRY.pop(_Boom.name)
+
+
+def test_a_rule_pass_states_its_precondition() -> None:
+    """A rule that emits default-domain ops refuses a model that uses them without importing the opset."""
+    proto = _relu_clip()
+    del proto.opset_import[:]
+    proto.opset_import.append(helper.make_opsetid("local", 1))
+    with pytest.raises(FusionError, match="PreconditionError: rule 'fuse_layernorm' emits new default-domain ops"):
+        optimize(proto, passes=["fuse_layernorm"], verify=False)
