@@ -1,10 +1,20 @@
 """The pass pipeline and :func:`optimize`: run the passes to a fixed point, verify, write.
 
-Order (:data:`DEFAULT_PASSES`): constant folding first (the exporter's ``optimize=False`` output still
-computes zero biases and ``sqrt(var + eps)`` at run time), then BN into the layer before it, affine chains,
-BN into the conv after it, then any other registered pass (LayerNorm/GroupNorm fusion), and last the
-report-only standalone-BN rule. The list repeats until no pass changes anything (at most
-:data:`MAX_STEPS` rounds), with unused-node cleanup after every pass.
+Stages of :func:`run_pipeline`, composed with :class:`onnx_ir.passes.PassManager`:
+
+1. **prepare** (:func:`prepare_passes`, once): pin legacy provenance (it lives in node names) and make
+   names unique. *Hook:* pre-rule clean-up passes (``fusers/cleanup.py``) are appended here.
+2. **rules** (the selected passes, :func:`default_passes` order, to a fixed point): a nested
+   ``PassManager(steps=MAX_STEPS, early_stop=True)``; each pass is timed and followed by unused-node
+   clean-up when it modified the model. Constant folding first (the exporter's ``optimize=False`` output
+   still computes zero biases and ``sqrt(var + eps)`` at run time), then BN into the layer before it,
+   affine chains, BN into the conv after it, then any other registered pass (LayerNorm/GroupNorm
+   fusion), and last the report-only standalone-BN rule.
+3. **lowering** (:func:`lowering_passes`, once, for ``target``): *hook* for per-target rewrites
+   (``fusers/lowering.py``); empty for the generic target.
+4. **finish** (:func:`finish_passes`, once): *hook* for post-rule clean-up passes, then a topological sort.
+
+An error in any pass becomes a :class:`FusionError` naming the pass and the passes that ran before it.
 
 Verification (on by default) compares the optimized model with the input on ORT CPU. When they differ
 beyond tolerance the failing rewrite is located by bisection over the applied sites (re-running the
@@ -16,7 +26,6 @@ model is never written.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +37,7 @@ from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, Topologica
 
 from normfold.errors import FusionError, OnnxLoadError, UsageError
 from normfold.exporter.provenance import stamp_module_paths
+from normfold.fusers._graph import declared_opset
 from normfold.fusers.base import PASS_REGISTRY, NormfoldPass, PassContext, RuleEvent, register_pass
 from normfold.fusers.report import (
     OptimizeReport,
@@ -36,23 +46,9 @@ from normfold.fusers.report import (
     op_histogram,
     summarize,
 )
-from normfold.fusers.verify import (
-    OrtRunError,
-    compare_outputs,
-    run_model,
-    seeded_feeds,
-)
+from normfold.fusers.verify import Verifier
 from normfold.numerics.tolerances import tolerance_for
-from normfold.onnx_files import (
-    INLINE_LIMIT,
-    check_file,
-    has_external_data,
-    is_external,
-    load_ir,
-    release_mapped,
-    save_ir,
-    tensor_bytes,
-)
+from normfold.onnx_files import check_file, has_external_data, load_ir, save_ir
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +81,21 @@ def default_passes() -> list[str]:
 
 
 def resolve_passes(passes: Sequence[str] | str | None) -> list[str]:
-    """Validate pass names (a list or ``"a,b"``); unknown ones raise a UsageError listing valid ones."""
+    """Validate pass names (a list or ``"a,b"``); unknown ones raise a UsageError listing valid ones.
+
+    ``None`` means the default list; an explicitly empty selection (``""``, ``[]``, ``--passes ,,,``)
+    is an error, not "run every pass".
+    """
     if passes is None:
         return default_passes()
-    names = [p.strip() for p in passes.split(",")] if isinstance(passes, str) else [p.strip() for p in passes]
+    valid = ", ".join(sorted(PASS_REGISTRY))
+    names = [p.strip() for p in (passes.split(",") if isinstance(passes, str) else passes)]
     names = [n for n in names if n]
+    if not names:
+        raise UsageError(f"no pass names given (got {passes!r}); name at least one of: {valid}")
     unknown = [n for n in names if n not in PASS_REGISTRY]
-    if unknown or not names:
-        valid = ", ".join(sorted(PASS_REGISTRY))
-        raise UsageError(f"unknown pass name(s) {unknown or names!r}; valid names are: {valid}")
+    if unknown:
+        raise UsageError(f"unknown pass name(s) {unknown!r}; valid names are: {valid}")
     return names
 
 
@@ -106,34 +108,85 @@ class PipelineRun:
     pass_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def run_pipeline(model: ir.Model, names: Sequence[str], ctx: PassContext) -> PipelineRun:
-    """Run ``names`` in order, repeatedly until nothing changes; ``model`` is rewritten in place."""
-    seconds = dict.fromkeys(names, 0.0)
-    stamp_module_paths(model)  # legacy provenance lives in node names: pin it before anything renames
-    NameFixPass()(model)
-    cleanup = RemoveUnusedNodesPass()
-    done: list[str] = []
-    for _step in range(MAX_STEPS):
-        changed = False
-        for name in names:
-            pass_ = PASS_REGISTRY[name](ctx)
-            start = time.perf_counter()
-            try:
-                result = pass_(model)
-            except Exception as e:  # a pass bug must name the pass and its history
-                raise FusionError(
-                    f"pass {name!r} failed after passes {done}: {type(e).__name__}: {e}; "
-                    f"re-run without it (--passes) and report the model"
-                ) from e
-            if result.modified:
-                cleanup(model)
-                changed = True
-            seconds[name] += time.perf_counter() - start
-            done.append(name)
-        if not changed:
-            break
-    TopologicalSortPass()(model)
-    return PipelineRun(model, list(ctx.events), seconds)
+class _PinProvenance(ir.passes.InPlacePass):
+    """Write legacy provenance (``/layer1/conv1/Conv`` node names) into metadata before anything renames."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, stamp_module_paths(model) > 0)
+
+
+def prepare_passes() -> list[ir.passes.PassBase]:
+    """Stage 1, run once before the rules. Hook: pre-rule clean-up passes go at the end of this list."""
+    return [_PinProvenance(), NameFixPass()]
+
+
+def lowering_passes(target: str | None) -> list[ir.passes.PassBase]:
+    """Stage 3, run once after the rules' fixed point. Hook: a target's lowering passes (none yet)."""
+    del target
+    return []
+
+
+def finish_passes() -> list[ir.passes.PassBase]:
+    """Stage 4, run last. Hook: post-rule clean-up passes go before the topological sort."""
+    return [TopologicalSortPass()]
+
+
+@dataclass
+class _History:
+    """Which rule pass is running and which ran before it (for the error), and each one's seconds."""
+
+    seconds: dict[str, float]
+    done: list[str] = field(default_factory=list)
+    running: str | None = None
+
+
+class _Timed(ir.passes.InPlacePass):
+    """A rule pass as one step of the fixed point: timed, recorded, followed by unused-node clean-up."""
+
+    def __init__(self, inner: NormfoldPass, history: _History) -> None:
+        super().__init__()
+        self.inner, self.history = inner, history
+        self.cleanup = RemoveUnusedNodesPass()
+
+    def __repr__(self) -> str:
+        return self.inner.name
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.history.running = self.inner.name
+        start = time.perf_counter()
+        result = self.inner(model)
+        if result.modified:
+            self.cleanup(model)
+        self.history.seconds[self.inner.name] += time.perf_counter() - start
+        self.history.done.append(self.inner.name)
+        self.history.running = None
+        return ir.passes.PassResult(model, result.modified)
+
+
+def run_pipeline(model: ir.Model, names: Sequence[str], ctx: PassContext, *, target: str | None = None) -> PipelineRun:
+    """Run the stages (module docstring) with the rule passes ``names``; ``model`` is rewritten in place."""
+    history = _History(dict.fromkeys(names, 0.0))
+    rules = [_Timed(PASS_REGISTRY[name](ctx), history) for name in names]
+    manager = ir.passes.PassManager(
+        [
+            *prepare_passes(),
+            ir.passes.PassManager(rules, steps=MAX_STEPS, early_stop=True),
+            *lowering_passes(target),
+            *finish_passes(),
+        ]
+    )
+    try:
+        manager(model)
+    except Exception as e:  # a pass bug must name the pass and its history
+        root: BaseException = e
+        while isinstance(root, ir.passes.PassError) and root.__cause__ is not None:
+            root = root.__cause__
+        where = f"pass {history.running!r}" if history.running else f"a pipeline stage ({e})"
+        raise FusionError(
+            f"{where} failed after passes {history.done}: {type(root).__name__}: {root}; "
+            "re-run without it (--passes) and report the model"
+        ) from e
+    return PipelineRun(model, list(ctx.events), history.seconds)
 
 
 class _Source:
@@ -158,85 +211,95 @@ class _Source:
         return self.src if isinstance(self.src, Path) else self.src.SerializeToString()
 
 
-def _opset(model: ir.Model) -> int | None:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-
-
 def _sites(event: RuleEvent) -> set[tuple[str, str]]:
     return {(event.rule, n) for n in event.nodes if n}
 
 
-def _attempt(
-    source: _Source,
-    names: Sequence[str],
-    base: PassContext,
-    disabled: set[tuple[str, str]],
-    model: ir.Model | None = None,
-) -> PipelineRun:
-    """Run the pipeline on a fresh copy of the source (or on ``model``, a fresh copy already made)."""
-    ctx = PassContext(
-        target_opset=base.target_opset,
-        allow_weight_copies=base.allow_weight_copies,
-        disabled_sites=set(disabled),
-    )
-    return run_pipeline(model if model is not None else source.fresh(), names, ctx)
+@dataclass(frozen=True)
+class _Job:
+    """What every attempt of one :func:`optimize` call shares: the input, the passes, the options."""
 
+    source: _Source
+    names: list[str]
+    base: PassContext
+    target: str | None = None  # lowering target, handed to :func:`lowering_passes`
 
-class _Verifier:
-    def __init__(self, source: _Source, atol: float, rtol: float, seed: int, scratch: Path | None) -> None:
-        self.atol, self.rtol, self.seed, self.scratch = atol, rtol, seed, scratch
-        data = source.runnable()
-        try:
-            self.feeds = seeded_feeds(data, seed)
-            self.before = run_model(data, self.feeds)
-        except OrtRunError as e:
-            raise OnnxLoadError(
-                f"ONNX Runtime cannot run the input model, so it cannot be verified: {e}; "
-                "fix the model or pass verify=False (--no-verify)"
-            ) from e
-
-    def check(self, model: ir.Model) -> tuple[bool, list, str]:
-        try:
-            after = self._run(model)
-        except OrtRunError as e:
-            return False, [], f"ORT cannot run the optimized model: {e}"
-        metrics = compare_outputs(self.before, after, self.atol, self.rtol)
-        return all(m.passed for m in metrics), metrics, ""
-
-    def _run(self, model: ir.Model) -> dict:
-        """Small models go to ORT as bytes; one with external (memory-mapped) tensors or beyond protobuf's
-        limit is saved to a scratch file first, so ORT reads the weights from disk instead of a copy."""
-        if not is_external(model) and tensor_bytes(model) < INLINE_LIMIT:
-            return run_model(ir.serde.serialize_model(model).SerializeToString(), self.feeds)
-        with tempfile.TemporaryDirectory(prefix=".normfold-verify.", dir=self.scratch) as tmp:
-            path = save_ir(model, Path(tmp) / "candidate.onnx", external=True)
-            release_mapped(model)
-            return run_model(path, self.feeds)
+    def attempt(self, disabled: set[tuple[str, str]], model: ir.Model | None = None) -> PipelineRun:
+        """Run the pipeline on a fresh copy of the input (or on ``model``, already deserialized from it)."""
+        ctx = PassContext(
+            target_opset=self.base.target_opset,
+            allow_weight_copies=self.base.allow_weight_copies,
+            disabled_sites=set(disabled),
+        )
+        fresh = model if model is not None else self.source.fresh()
+        return run_pipeline(fresh, self.names, ctx, target=self.target)
 
 
 def _bisect(
-    source: _Source,
-    names: Sequence[str],
-    base: PassContext,
-    disabled: set[tuple[str, str]],
-    applied: list[RuleEvent],
-    verifier: _Verifier,
+    job: _Job, disabled: set[tuple[str, str]], applied: list[RuleEvent], verifier: Verifier
 ) -> RuleEvent | None:
     """The first applied event whose enabling makes verification fail (None: not attributable)."""
     lo, hi = 0, len(applied)  # invariant: prefix lo passes (lo=0 assumed), prefix hi fails
     off_all = set(disabled).union(*(_sites(e) for e in applied))
-    ok, _, _ = verifier.check(_attempt(source, names, base, off_all).model)
-    if not ok:
+    if not verifier.check(job.attempt(off_all).model)[0]:
         return None
     while hi - lo > 1:
         mid = (lo + hi) // 2
         off = set(disabled).union(*(_sites(e) for e in applied[mid:]))
-        ok, _, _ = verifier.check(_attempt(source, names, base, off).model)
-        if ok:
+        if verifier.check(job.attempt(off).model)[0]:
             lo = mid
         else:
             hi = mid
     return applied[hi - 1]
+
+
+def _culprit(job: _Job, run: PipelineRun, disabled: set[tuple[str, str]], verifier: Verifier, detail: str) -> RuleEvent:
+    """The rewrite that broke verification; a :class:`FusionError` when none can be singled out."""
+    applied = [e for e in run.events if e.status == "applied"]
+    culprit = _bisect(job, disabled, applied, verifier)
+    if culprit is None:
+        modifying = sorted({e.rule for e in applied}) or list(job.names)
+        raise FusionError(
+            f"verification failed ({detail}) and no single rewrite explains it; rules involved: "
+            f"{modifying}, nodes: {[n for e in applied for n in e.nodes][:10]}. Nothing was written; "
+            "re-run with --passes to exclude a rule, or --no-verify to inspect the output"
+        )
+    return culprit
+
+
+def _verified_run(
+    job: _Job, original: ir.Model, verifier: Verifier | None
+) -> tuple[PipelineRun, VerificationReport | None, list[RuleEvent]]:
+    """Run, verify, and on failure disable the culprit site and retry (at most :data:`MAX_DISABLED` times).
+
+    Returns the accepted run, its verification report and the ``skipped`` events of disabled sites.
+    """
+    disabled: set[tuple[str, str]] = set()
+    disabled_events: list[RuleEvent] = []
+    run = job.attempt(disabled, original)
+    if verifier is None:
+        return run, None, disabled_events
+    for attempt in range(1, MAX_DISABLED + 2):
+        if attempt > 1:
+            run = job.attempt(disabled)
+        ok, metrics, error = verifier.check(run.model)
+        verification = verifier.report(ok, metrics, attempt, list(disabled_events), error)
+        if ok:
+            break
+        detail = error or "; ".join(f"{m.name}: max abs {m.max_abs:.3g}" for m in metrics if not m.passed)
+        culprit = _culprit(job, run, disabled, verifier, detail)
+        if _sites(culprit) <= disabled or attempt > MAX_DISABLED:
+            raise FusionError(
+                f"rule {culprit.rule!r} at node(s) {list(culprit.nodes)} breaks numerics ({detail}) and "
+                "disabling it did not help. Nothing was written; exclude the rule with --passes"
+            )
+        logger.warning(
+            "rule %s at %s failed verification (%s); disabling it and retrying", culprit.rule, culprit.nodes, detail
+        )
+        disabled |= _sites(culprit)
+        reason = f"disabled: the rewrite failed verification ({detail})"
+        disabled_events.append(RuleEvent(culprit.rule, "skipped", culprit.nodes, reason))
+    return run, verification, disabled_events
 
 
 def optimize(
@@ -260,69 +323,17 @@ def optimize(
     start = time.perf_counter()
     names = resolve_passes(passes)
     source = _Source(src)
-    where = source.where
     original = source.fresh()  # external tensors are mapped lazily: nothing is read until a pass needs it
     ops_before, bytes_before, opset_before = (
         op_histogram(original),
         initializer_bytes(original),
-        _opset(original),
+        declared_opset(original),
     )
-    base = PassContext(target_opset=target_opset, allow_weight_copies=allow_weight_copies)
+    job = _Job(source, names, PassContext(target_opset=target_opset, allow_weight_copies=allow_weight_copies))
     tol = tolerance_for("fp32", atol, rtol)  # the project's fp32 defaults unless overridden
-    scratch = Path(dst).parent if dst is not None else None
-    verifier = _Verifier(source, tol.atol, tol.rtol, seed, scratch) if verify else None
-
-    disabled: set[tuple[str, str]] = set()
-    disabled_events: list[RuleEvent] = []
-    verification: VerificationReport | None = None
-    for attempt in range(1, MAX_DISABLED + 2):
-        run = _attempt(source, names, base, disabled, original if attempt == 1 else None)
-        if verifier is None:
-            break
-        ok, metrics, error = verifier.check(run.model)
-        verification = VerificationReport(
-            ok,
-            tol.atol,
-            tol.rtol,
-            seed,
-            {k: list(v.shape) for k, v in verifier.feeds.items()},
-            metrics,
-            attempt,
-            list(disabled_events),
-            error,
-        )
-        if ok:
-            break
-        applied = [e for e in run.events if e.status == "applied"]
-        culprit = _bisect(source, names, base, disabled, applied, verifier)
-        detail = error or "; ".join(f"{m.name}: max abs {m.max_abs:.3g}" for m in metrics if not m.passed)
-        if culprit is None:
-            modifying = sorted({e.rule for e in applied}) or list(names)
-            raise FusionError(
-                f"verification failed ({detail}) and no single rewrite explains it; rules involved: "
-                f"{modifying}, nodes: {[n for e in applied for n in e.nodes][:10]}. Nothing was written; "
-                "re-run with --passes to exclude a rule, or --no-verify to inspect the output"
-            )
-        if _sites(culprit) <= disabled or attempt > MAX_DISABLED:
-            raise FusionError(
-                f"rule {culprit.rule!r} at node(s) {list(culprit.nodes)} breaks numerics ({detail}) and "
-                "disabling it did not help. Nothing was written; exclude the rule with --passes"
-            )
-        logger.warning(
-            "rule %s at %s failed verification (%s); disabling it and retrying",
-            culprit.rule,
-            culprit.nodes,
-            detail,
-        )
-        disabled |= _sites(culprit)
-        disabled_events.append(
-            RuleEvent(
-                culprit.rule,
-                "skipped",
-                culprit.nodes,
-                f"disabled: the rewrite failed verification ({detail})",
-            )
-        )
+    scratch = Path(dst).parent if dst is not None else None  # big candidates are verified from a file here
+    verifier = Verifier(source.runnable(), tol, seed, scratch) if verify else None
+    run, verification, disabled_events = _verified_run(job, original, verifier)
 
     out_path: str | None = None
     if dst is not None:
@@ -330,7 +341,7 @@ def optimize(
         out_path = str(dst)
     events = [*run.events, *disabled_events]
     return OptimizeReport(
-        source=where,
+        source=source.where,
         output=out_path,
         passes=names,
         rules=summarize(events, names),
@@ -341,6 +352,6 @@ def optimize(
         pass_seconds=run.pass_seconds,
         total_seconds=time.perf_counter() - start,
         opset_before=opset_before,
-        opset_after=_opset(run.model),
+        opset_after=declared_opset(run.model),
         verification=verification,
     )
