@@ -1,10 +1,12 @@
 """The pass pipeline and :func:`optimize`: run the passes to a fixed point, verify, write.
 
-Order (:data:`DEFAULT_PASSES`): constant folding first (the exporter's ``optimize=False`` output still
-computes zero biases and ``sqrt(var + eps)`` at run time), then BN into the layer before it, affine chains,
-BN into the conv after it, then any other registered pass (LayerNorm/GroupNorm fusion), and last the
-report-only standalone-BN rule. The list repeats until no pass changes anything (at most
-:data:`MAX_STEPS` rounds), with unused-node cleanup after every pass.
+Order (:func:`default_passes`): the general clean-up first (:mod:`normfold.fusers.cleanup`: shape
+inference, constant folding including shape subgraphs, no-op/identity/duplicate/dead-node removal), then
+BN into the layer before it, affine chains, BN into the conv after it, then any other registered pass
+(LayerNorm/GroupNorm fusion), and the report-only standalone-BN rule. The list repeats until no pass
+changes anything (at most :data:`MAX_STEPS` rounds), with unused-node cleanup after every pass. The
+clean-up runs once before that loop (:data:`PRE_PASSES`); after it, once, the per-target norm lowering
+(:mod:`normfold.fusers.lowering`) and, if that changed anything, the clean-up again.
 
 Verification (on by default) compares the optimized model with the input on ORT CPU. When they differ
 beyond tolerance the failing rewrite is located by bisection over the applied sites (re-running the
@@ -27,7 +29,9 @@ from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, Topologica
 
 from normfold.errors import FusionError, OnnxLoadError, UsageError
 from normfold.exporter.provenance import stamp_module_paths
+from normfold.fusers import cleanup as _cleanup  # noqa: F401  (registers cleanup)
 from normfold.fusers.base import PASS_REGISTRY, NormfoldPass, PassContext, RuleEvent, register_pass
+from normfold.fusers.lowering import DEFAULT_TARGET, check_target
 from normfold.fusers.report import (
     OptimizeReport,
     VerificationReport,
@@ -64,14 +68,20 @@ class FoldConstants(NormfoldPass):
         return bool(fold_constants(model).modified)
 
 
-_HEAD = ("fold_constants", "fuse_bn_into_conv", "fuse_bn_into_gemm", "fold_affine", "fuse_bn_into_next_conv")
+_HEAD = ("fuse_bn_into_conv", "fuse_bn_into_gemm", "fold_affine", "fuse_bn_into_next_conv")
 _TAIL = ("standalone_bn",)
+#: Run once before the fixed-point loop (the fusions create nothing it would clean; it costs ~0.5 s per 1k nodes).
+PRE_PASSES = ("cleanup",)
+#: Run once after the fixed point (the GroupNorm fusion would fuse a lowered GroupNorm back), then cleanup.
+FINAL_PASSES = ("lower_norms",)
+_OFF_BY_DEFAULT = ("fold_constants",)  # subsumed by cleanup; still selectable by name
 
 
 def default_passes() -> list[str]:
     """The default order; passes registered by other modules (norm fusions) run before ``standalone_bn``."""
-    middle = [n for n in PASS_REGISTRY if n not in _HEAD and n not in _TAIL and not n.startswith("_")]
-    return [*_HEAD, *middle, *_TAIL]
+    fixed = {*PRE_PASSES, *_HEAD, *_TAIL, *FINAL_PASSES, *_OFF_BY_DEFAULT}
+    middle = [n for n in PASS_REGISTRY if n not in fixed and not n.startswith("_")]
+    return [*PRE_PASSES, *_HEAD, *middle, *_TAIL, *FINAL_PASSES]
 
 
 def resolve_passes(passes: Sequence[str] | str | None) -> list[str]:
@@ -103,9 +113,12 @@ def run_pipeline(model: ir.Model, names: Sequence[str], ctx: PassContext) -> Pip
     NameFixPass()(model)
     cleanup = RemoveUnusedNodesPass()
     done: list[str] = []
+    for name in (n for n in names if n in PRE_PASSES):
+        _run_pass(model, name, ctx, done, seconds)
+    looped = [n for n in names if n not in FINAL_PASSES and n not in PRE_PASSES]
     for _step in range(MAX_STEPS):
         changed = False
-        for name in names:
+        for name in looped:
             pass_ = PASS_REGISTRY[name](ctx)
             start = time.perf_counter()
             try:
@@ -122,8 +135,26 @@ def run_pipeline(model: ir.Model, names: Sequence[str], ctx: PassContext) -> Pip
             done.append(name)
         if not changed:
             break
+    final = [n for n in names if n in FINAL_PASSES]
+    if any([_run_pass(model, n, ctx, done, seconds) for n in final]):
+        for name in (n for n in names if n in PRE_PASSES):
+            _run_pass(model, name, ctx, done, seconds)
     TopologicalSortPass()(model)
     return PipelineRun(model, list(ctx.events), seconds)
+
+
+def _run_pass(model: ir.Model, name: str, ctx: PassContext, done: list[str], seconds: dict[str, float]) -> bool:
+    """One pass outside the fixed-point loop; True when it changed the model."""
+    start = time.perf_counter()
+    try:
+        modified = PASS_REGISTRY[name](ctx)(model).modified
+    except Exception as e:  # a pass bug must name the pass and its history
+        raise FusionError(f"pass {name!r} failed after passes {done}: {type(e).__name__}: {e}") from e
+    if modified:
+        RemoveUnusedNodesPass()(model)
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+    done.append(name)
+    return modified
 
 
 def _load(src: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
@@ -158,6 +189,7 @@ def _attempt(
     ctx = PassContext(
         target_opset=base.target_opset,
         allow_weight_copies=base.allow_weight_copies,
+        target=base.target,
         disabled_sites=set(disabled),
     )
     return run_pipeline(model if model is not None else _to_ir(proto, "input"), names, ctx)
@@ -216,6 +248,7 @@ def optimize(
     *,
     passes: Sequence[str] | None = None,
     verify: bool = True,
+    target: str = DEFAULT_TARGET,
     target_opset: int | None = None,
     allow_weight_copies: bool = False,
     atol: float | None = None,
@@ -226,9 +259,12 @@ def optimize(
 
     ``passes`` picks and orders passes by name (default :func:`default_passes`). With ``verify`` the
     result is checked against the input on ORT CPU; a rewrite that breaks it is disabled and the run
-    retried, and a model that still fails is never written (:class:`FusionError`).
+    retried, and a model that still fails is never written (:class:`FusionError`). ``target`` names the
+    runtime that will serve the model (:data:`normfold.fusers.lowering.TARGETS`): each norm gets the
+    form that runtime runs fastest; ``portable`` keeps standard one-node forms any runtime loads.
     """
     start = time.perf_counter()
+    check_target(target)
     names = resolve_passes(passes)
     proto, where = _load(src)
     original = _to_ir(proto, where)
@@ -237,7 +273,7 @@ def optimize(
         initializer_bytes(original),
         _opset(original),
     )
-    base = PassContext(target_opset=target_opset, allow_weight_copies=allow_weight_copies)
+    base = PassContext(target_opset=target_opset, allow_weight_copies=allow_weight_copies, target=target)
     tol = tolerance_for("fp32", atol, rtol)  # the project's fp32 defaults unless overridden
     verifier = _Verifier(proto, tol.atol, tol.rtol, seed) if verify else None
 
@@ -302,6 +338,7 @@ def optimize(
     return OptimizeReport(
         source=where,
         output=out_path,
+        target=target,
         passes=names,
         rules=summarize(events, names),
         ops_before=ops_before,
