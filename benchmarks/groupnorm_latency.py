@@ -31,7 +31,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from normfold.fusers.base import PassContext
+from normfold.fusers.base import PassContext, RulePass
 from normfold.fusers.groupnorm import GroupNormFusion
 from normfold.models import ZOO, seeded_inputs
 
@@ -79,7 +79,7 @@ def main() -> None:
             torch.onnx.export(model, (x, t), str(before_path), dynamo=False, opset_version=17)
         fused = ir.load(before_path)
         ctx = PassContext(target_opset=21)
-        GroupNormFusion(ctx)(fused)
+        RulePass(GroupNormFusion, ctx)(fused)
         after_path = Path(tmp) / "gn21.onnx"
         ir.save(fused, after_path)
         applied = sum(e.status == "applied" for e in ctx.events)

@@ -1,12 +1,25 @@
 """normfold.fusers: verified graph passes on onnx_ir (BatchNorm/affine folding, norm fusion).
 
-Importing this package registers every pass in :data:`PASS_REGISTRY`; :func:`optimize` runs them.
+Importing this package registers every pass in :data:`PASS_REGISTRY`; :func:`optimize` runs them. A new
+rewrite is one :class:`Rule` subclass decorated with :func:`register_rule` (see :mod:`normfold.fusers.base`).
 """
 
 from normfold.fusers import affine as _affine  # noqa: F401  (registers fold_affine)
-from normfold.fusers import batchnorm as _batchnorm  # noqa: F401  (registers the BN passes)
+from normfold.fusers import batchnorm as _batchnorm  # noqa: F401  (registers the BN rules)
 from normfold.fusers import groupnorm, layernorm  # noqa: F401  (register fuse_groupnorm, fuse_layernorm)
-from normfold.fusers.base import PASS_REGISTRY, NormfoldPass, PassContext, RuleEvent, register_pass
+from normfold.fusers.base import (
+    PASS_REGISTRY,
+    NormfoldPass,
+    PassContext,
+    Reject,
+    Rule,
+    RuleEvent,
+    RulePass,
+    Scope,
+    Site,
+    register_pass,
+    register_rule,
+)
 from normfold.fusers.pipeline import default_passes, optimize, run_pipeline
 from normfold.fusers.report import OptimizeReport, RuleSummary, VerificationReport
 
@@ -15,11 +28,17 @@ __all__ = [
     "NormfoldPass",
     "OptimizeReport",
     "PassContext",
+    "Reject",
+    "Rule",
     "RuleEvent",
+    "RulePass",
     "RuleSummary",
+    "Scope",
+    "Site",
     "VerificationReport",
     "default_passes",
     "optimize",
     "register_pass",
+    "register_rule",
     "run_pipeline",
 ]

@@ -1,4 +1,4 @@
-"""Small onnx_ir helpers shared by the folding passes: constants, attributes, initializers, node swaps.
+"""The onnx_ir helpers of the fusers, in one place: constants, attributes, uses, names, initializers, swaps.
 
 Nothing here mutates an existing initializer. The exporters deduplicate equal tensors (a fresh BN's
 running_mean may be the very initializer that is its bias, NORMS.md §2), so folds always write *new*
@@ -7,10 +7,11 @@ initializers and leave the old ones to the unused-node cleanup.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir._core import Usage  # onnx_ir does not re-export the type of Value.uses()
 
 from normfold.exporter.provenance import MODULE_PATH_KEY, module_path, set_module_path
 
@@ -182,3 +183,137 @@ def per_channel(k: np.ndarray, rank: int | None, axis: int, channels: int) -> np
     if shape[pos] not in (1, channels):
         return None
     return np.broadcast_to(k.reshape(-1).astype(np.float64), (channels,)).copy()
+
+
+def declared_opset(model: ir.Model) -> int | None:
+    """The default-domain opset the model imports (``""`` or ``"ai.onnx"``), None when it imports none.
+
+    The one reader of a model's opset: passes, the opset raiser and the report all go through it.
+    """
+    imports = model.opset_imports
+    version = imports.get("", imports.get("ai.onnx"))
+    return None if version is None else int(version)
+
+
+def opset_of(model: ir.Model) -> int:
+    """:func:`declared_opset`, counting a model without a default-domain import as opset 1."""
+    return declared_opset(model) or 1
+
+
+def owner_path(nodes: Sequence[ir.Node], preferred: ir.Node | None = None) -> str | None:
+    """The module path the fused node should carry: the anchor's, else the first known one."""
+    if preferred is not None:
+        path = module_path(preferred)
+        if path is not None:
+            return path
+    for node in nodes:
+        path = module_path(node)
+        if path is not None:
+            return path
+    return None
+
+
+class Names:
+    """Fresh names for values and nodes of one model, collected once per pass run (linear, not per site)."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self._taken: set[str] = set()
+        self._next: dict[str, int] = {}  # last suffix per base: repeated bases stay O(1)
+        for graph in all_graphs(model):
+            self._taken.update(v.name for v in graph.inputs if v.name)
+            self._taken.update(graph.initializers)
+            for node in graph:
+                if node.name:
+                    self._taken.add(node.name)
+                self._taken.update(o.name for o in node.outputs if o.name)
+
+    def fresh(self, base: str) -> str:
+        name, i = base, self._next.get(base, 0)
+        while name in self._taken:
+            i += 1
+            name = f"{base}_{i}"
+        self._next[base] = i
+        self._taken.add(name)
+        return name
+
+
+def replace_output(names: Names, old: ir.Value, new: ir.Value, base: str) -> None:
+    """Point every use of ``old`` at ``new``; a graph output keeps its public name."""
+    was_output = old.is_graph_output()
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if was_output and old.name is not None:
+        public = old.name
+        old.name = names.fresh(f"{public}_replaced")
+        new.name = public
+    else:
+        new.name = names.fresh(base)
+
+
+def remove_dead(graph: ir.Graph, nodes: Iterable[ir.Node]) -> None:
+    """Remove ``nodes`` (now unused) and every producer/initializer that only they kept alive."""
+    outputs = set(graph.outputs)
+    pending = list(nodes)
+    removed: set[int] = set()
+    while pending:
+        node = pending.pop()
+        if id(node) in removed or node.graph is not graph:
+            continue
+        if any(o.uses() or o in outputs for o in node.outputs):
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        removed.add(id(node))
+        for value in inputs:
+            if value.uses() or value in outputs:
+                continue
+            producer = value.producer()
+            if producer is not None:
+                pending.append(producer)
+            elif value.is_initializer() and value not in graph.inputs and value.name is not None:
+                graph.initializers.pop(value.name, None)
+
+
+def other_operand(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    """For a binary node that consumes ``value``, the other input."""
+    a, b = (*node.inputs, None, None)[:2]
+    if a is value:
+        return b
+    if b is value:
+        return a
+    return None
+
+
+def producer_op(value: ir.Value | None) -> str | None:
+    if value is None:
+        return None
+    producer = value.producer()
+    return producer.op_type if producer is not None and producer.domain in ("", "ai.onnx") else None
+
+
+def value_uses(value: ir.Value) -> list[Usage]:
+    """Uses that read the value's data: ``Shape``/``Size`` and CastLike's ``target_type`` only read its
+    metadata, which a fusion preserves, so they never block one (they die with the pattern or stay valid)."""
+    return [
+        use
+        for use in value.uses()
+        if use.node.op_type not in ("Shape", "Size") and not (use.node.op_type == "CastLike" and use.idx == 1)
+    ]
+
+
+def single_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
+    """The one node reading ``value``'s data when it is ``op_type`` and ``value`` is not a graph output."""
+    if value.is_graph_output():
+        return None
+    uses = value_uses(value)
+    if len(uses) != 1:
+        return None
+    node = uses[0].node
+    return node if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+
+def all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
+    """The main graph, its If/Loop/Scan bodies, then every model-local function body and its subgraphs."""
+    yield from model.graphs()
+    for function in model.functions.values():
+        yield function.graph
+        yield from function.graph.subgraphs()

@@ -14,59 +14,19 @@ exporters spell in several ways:
 a norm is not one (Bessel-corrected variance, eps added to the std, non-constant eps, mismatched axes,
 statistics of another tensor), or ``None`` for sites that are not candidates at all.
 
-:class:`GraphFacts` answers the questions matching needs without touching the model: the constant value
-of a small subgraph (``Reshape(Constant, Constant)``, ``Unsqueeze(weight, Range(...))``...), and static
-shapes/dtypes from ``onnx.shape_inference`` run on a serialized copy.
+The constants, shapes and dtypes it reasons about come from :class:`normfold.fusers._facts.GraphFacts`.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from normfold.exporter.provenance import module_path
-
-logger = logging.getLogger(__name__)
-
-Shape = tuple[int | None, ...]
-SymShape = tuple[int | str | None, ...]
-
-# Ops whose value we compute when all their inputs are constant (cheap, shape-sized data).
-_FOLDABLE = {
-    "Constant",
-    "Identity",
-    "Cast",
-    "CastLike",
-    "Reshape",
-    "Unsqueeze",
-    "Squeeze",
-    "Expand",
-    "Concat",
-    "Range",
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Neg",
-    "Gather",
-    "Shape",
-    "ReduceProd",
-    "ConstantOfShape",
-}
-_MAX_FOLD_ELEMENTS = 1 << 24
-
-
-@dataclass(frozen=True)
-class Reject:
-    """A site that looks like a norm but is not one: the nodes and the reason."""
-
-    nodes: tuple[ir.Node, ...]
-    reason: str
+from normfold.fusers._facts import GraphFacts
+from normfold.fusers._graph import attr_int, attr_ints, other_operand, producer_op, value_uses
+from normfold.fusers.base import Reject
 
 
 @dataclass
@@ -82,370 +42,15 @@ class NormCore:
     nodes: list[ir.Node] = field(default_factory=list)
 
 
-def opset_of(model: ir.Model) -> int:
-    """The default-domain opset the model imports (``""`` or ``"ai.onnx"``); 1 when absent."""
-    imports = model.opset_imports
-    return int(imports.get("", imports.get("ai.onnx", 1)))
-
-
-def owner_path(nodes: Sequence[ir.Node], preferred: ir.Node | None = None) -> str | None:
-    """The module path the fused node should carry: the anchor's, else the first known one."""
-    if preferred is not None:
-        path = module_path(preferred)
-        if path is not None:
-            return path
-    for node in nodes:
-        path = module_path(node)
-        if path is not None:
-            return path
-    return None
-
-
-class Names:
-    """Fresh names for values and nodes of one model, collected once per pass run (linear, not per site)."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self._taken: set[str] = set()
-        self._next: dict[str, int] = {}  # last suffix per base: repeated bases stay O(1)
-        for graph in model.graphs():
-            self._taken.update(v.name for v in graph.inputs if v.name)
-            self._taken.update(graph.initializers)
-            for node in graph:
-                if node.name:
-                    self._taken.add(node.name)
-                self._taken.update(o.name for o in node.outputs if o.name)
-
-    def fresh(self, base: str) -> str:
-        name, i = base, self._next.get(base, 0)
-        while name in self._taken:
-            i += 1
-            name = f"{base}_{i}"
-        self._next[base] = i
-        self._taken.add(name)
-        return name
-
-
-def add_initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer with a fresh name and return its value."""
-    value = ir.Value(name=names.fresh(base), const_value=ir.Tensor(np.ascontiguousarray(array)))
-    value.shape = ir.Shape(array.shape)
-    value.dtype = value.const_value.dtype
-    graph.register_initializer(value)
-    return value
-
-
-def replace_output(names: Names, old: ir.Value, new: ir.Value, base: str) -> None:
-    """Point every use of ``old`` at ``new``; a graph output keeps its public name."""
-    was_output = old.is_graph_output()
-    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-    if was_output and old.name is not None:
-        public = old.name
-        old.name = names.fresh(f"{public}_replaced")
-        new.name = public
-    else:
-        new.name = names.fresh(base)
-
-
-def remove_dead(graph: ir.Graph, nodes: Iterable[ir.Node]) -> None:
-    """Remove ``nodes`` (now unused) and every producer/initializer that only they kept alive."""
-    outputs = set(graph.outputs)
-    pending = list(nodes)
-    removed: set[int] = set()
-    while pending:
-        node = pending.pop()
-        if id(node) in removed or node.graph is not graph:
-            continue
-        if any(o.uses() or o in outputs for o in node.outputs):
-            continue
-        inputs = [v for v in node.inputs if v is not None]
-        graph.remove(node, safe=True)
-        removed.add(id(node))
-        for value in inputs:
-            if value.uses() or value in outputs:
-                continue
-            producer = value.producer()
-            if producer is not None:
-                pending.append(producer)
-            elif value.is_initializer() and value not in graph.inputs and value.name is not None:
-                graph.initializers.pop(value.name, None)
-
-
-def other_operand(node: ir.Node, value: ir.Value) -> ir.Value | None:
-    """For a binary node that consumes ``value``, the other input."""
-    a, b = (*node.inputs, None, None)[:2]
-    if a is value:
-        return b
-    if b is value:
-        return a
-    return None
-
-
-def producer_op(value: ir.Value | None) -> str | None:
-    if value is None:
-        return None
-    producer = value.producer()
-    return producer.op_type if producer is not None and producer.domain in ("", "ai.onnx") else None
-
-
-class GraphFacts:
-    """Read-only facts about one model: constant values of small subgraphs, static shapes and dtypes."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.model = model
-        self._const: dict[ir.Value, np.ndarray | None] = {}  # keyed by the value: ids get reused
-        self._inferred: dict[str, tuple[SymShape | None, ir.DataType | None]] | None = None
-
-    def prime(self) -> None:
-        """Run shape inference now, while the graph is still the input graph.
-
-        A fused node emitted before the opset is raised (GroupNormalization-21 in an opset-17 graph)
-        would make a later inference fail, so passes prime the facts before their first rewrite.
-        """
-        self._infer()
-
-    # -- shapes ---------------------------------------------------------------------------------
-    def _infer(self) -> dict[str, tuple[SymShape | None, ir.DataType | None]]:
-        if self._inferred is not None:
-            return self._inferred
-        self._inferred = {}
-        try:
-            proto = onnx.shape_inference.infer_shapes(ir.to_proto(self.model), strict_mode=False, data_prop=True)
-        except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
-            logger.warning("shape inference failed (%s); matching uses the shapes stored in the model", e)
-            return self._inferred
-        graph = proto.graph
-        for info in [*graph.input, *graph.value_info, *graph.output]:
-            tensor_type = info.type.tensor_type
-            dtype = ir.DataType(tensor_type.elem_type) if tensor_type.elem_type else None
-            shape: SymShape | None = None
-            if tensor_type.HasField("shape"):
-                shape = tuple(_dim(d) for d in tensor_type.shape.dim)
-            self._inferred[info.name] = (shape, dtype)
-        return self._inferred
-
-    def sym_shape(self, value: ir.Value | None) -> SymShape | None:
-        """Like :meth:`shape`, but a dynamic dim is its symbol (``"n"``) when one is known.
-
-        Two dims with the same symbol are equal at run time: onnx's data propagation names a dim that it
-        traced through Shape/Gather/Concat/Reshape after the input dim it came from.
-        """
-        if value is None:
-            return None
-        own: SymShape | None = None
-        if value.shape is not None:
-            own = tuple(d if isinstance(d, int) else _sym(d) for d in value.shape)
-        inferred = self._infer().get(value.name or "", (None, None))[0]
-        if own is None or (inferred is not None and len(own) != len(inferred)):
-            return inferred
-        if inferred is None:
-            return own
-        return tuple(a if a is not None else b for a, b in zip(own, inferred, strict=True))
-
-    def shape(self, value: ir.Value | None) -> Shape | None:
-        """The value's shape with ``None`` for unknown dims, or None when even the rank is unknown."""
-        if value is None:
-            return None
-        if value.const_value is not None:
-            return tuple(value.const_value.shape.numpy())
-        own: Shape | None = None
-        if value.shape is not None:
-            own = tuple(d if isinstance(d, int) else None for d in value.shape)
-            if all(d is not None for d in own):
-                return own
-        sym = self._infer().get(value.name or "", (None, None))[0]
-        inferred = None if sym is None else tuple(d if isinstance(d, int) else None for d in sym)
-        if inferred is None:
-            return own
-        if own is None or len(own) != len(inferred):
-            return inferred
-        return tuple(a if a is not None else b for a, b in zip(own, inferred, strict=True))
-
-    def rank(self, value: ir.Value | None) -> int | None:
-        shape = self.shape(value)
-        return None if shape is None else len(shape)
-
-    def static_shape(self, value: ir.Value | None) -> tuple[int, ...] | None:
-        shape = self.shape(value)
-        if shape is None or any(d is None for d in shape):
-            return None
-        return tuple(int(d) for d in shape if d is not None)
-
-    def dtype(self, value: ir.Value | None) -> ir.DataType | None:
-        if value is None:
-            return None
-        if value.dtype is not None:
-            return value.dtype
-        return self._infer().get(value.name or "", (None, None))[1]
-
-    # -- constants ------------------------------------------------------------------------------
-    def const(self, value: ir.Value | None) -> np.ndarray | None:
-        """The value as a numpy array when it is computable from constants alone, else None."""
-        if value is None:
-            return None
-        if value not in self._const:
-            self._const[value] = self._compute(value)
-        return self._const[value]
-
-    def scalar(self, value: ir.Value | None) -> float | None:
-        """The value as one float when it is a constant whose elements are all equal."""
-        array = self.const(value)
-        if array is None or array.size == 0:
-            return None
-        flat = array.reshape(-1)
-        if not np.all(flat == flat[0]):
-            return None
-        return float(flat[0])
-
-    def _compute(self, value: ir.Value) -> np.ndarray | None:
-        if value.const_value is not None:
-            if value.is_graph_input():
-                return None
-            return np.asarray(value.const_value.numpy())
-        node = value.producer()
-        if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE:
-            return None
-        if node.op_type == "Shape":
-            return self._shape_of(node)
-        if node.op_type == "Constant":
-            return _constant_attr(node)
-        if node.op_type == "CastLike":
-            src = self.const(node.inputs[0])
-            like = self.dtype(node.inputs[1])
-            if src is None or like is None:
-                return None
-            return src.astype(like.numpy())
-        inputs = [self.const(v) if v is not None else None for v in node.inputs]
-        if any(a is None for a, v in zip(inputs, node.inputs, strict=True) if v is not None):
-            return None
-        try:
-            out = _fold(node, inputs)
-        except (ValueError, TypeError, IndexError) as e:
-            logger.debug("cannot fold %s %s: %s", node.op_type, node.name, e)
-            return None
-        if out is None or out.size > _MAX_FOLD_ELEMENTS:
-            return None
-        return out
-
-    def _shape_of(self, node: ir.Node) -> np.ndarray | None:
-        shape = self.static_shape(node.inputs[0])
-        if shape is None:
-            return None
-        start = _int_attr(node, "start", 0)
-        end_attr = node.attributes.get("end")
-        end = end_attr.as_int() if end_attr is not None else None
-        return np.asarray(shape[start:end], dtype=np.int64)
-
-
-def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
-    if dim.HasField("dim_value"):
-        return int(dim.dim_value)
-    if dim.HasField("dim_param") and not dim.dim_param.startswith("unk__"):
-        return str(dim.dim_param)
-    return None
-
-
-def _sym(dim: object) -> str | None:
-    value = getattr(dim, "value", None)
-    return value if isinstance(value, str) and not value.startswith("unk__") else None
-
-
-def _int_attr(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return attr.as_int() if attr is not None else default
-
-
-def _ints_attr(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return list(attr.as_ints()) if attr is not None else None
-
-
-def _constant_attr(node: ir.Node) -> np.ndarray | None:
-    for key, attr in node.attributes.items():
-        if key == "value":
-            return np.asarray(attr.as_tensor().numpy())
-        if key == "value_float":
-            return np.asarray(attr.as_float(), dtype=np.float32)
-        if key == "value_floats":
-            return np.asarray(list(attr.as_floats()), dtype=np.float32)
-        if key == "value_int":
-            return np.asarray(attr.as_int(), dtype=np.int64)
-        if key == "value_ints":
-            return np.asarray(list(attr.as_ints()), dtype=np.int64)
-    return None
-
-
-def _fold(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
-    """numpy semantics of the few shape-sized ops exporters put between constants."""
-    op = node.op_type
-    a = args[0] if args else None
-    if a is None:
-        return None
-    if op == "Identity":
-        return a
-    if op == "Cast":
-        return a.astype(ir.DataType(_int_attr(node, "to", 1)).numpy())
-    if op == "Neg":
-        return -a
-    if op in ("Add", "Sub", "Mul", "Div"):
-        b = args[1]
-        if b is None:
-            return None
-        if op == "Div" and np.issubdtype(a.dtype, np.integer):
-            return np.trunc(a / b).astype(a.dtype)
-        return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op](a, b)
-    if op == "Reshape":
-        target = [int(t) for t in np.asarray(args[1]).reshape(-1)]
-        allowzero = _int_attr(node, "allowzero", 0)
-        shape = [a.shape[i] if t == 0 and not allowzero else t for i, t in enumerate(target)]
-        return a.reshape(shape)
-    if op in ("Unsqueeze", "Squeeze"):
-        axes_arr = args[1] if len(args) > 1 else None
-        axes = [int(i) for i in axes_arr.reshape(-1)] if axes_arr is not None else _ints_attr(node, "axes")
-        if op == "Squeeze":
-            return np.squeeze(a, axis=tuple(axes) if axes is not None else None)
-        if axes is None:
-            return None
-        out_rank = a.ndim + len(axes)
-        out = a
-        for axis in sorted(ax % out_rank for ax in axes):
-            out = np.expand_dims(out, axis)
-        return out
-    if op == "Expand":
-        shape = tuple(int(s) for s in np.asarray(args[1]).reshape(-1))
-        return np.broadcast_to(a, np.broadcast_shapes(a.shape, shape)).copy()
-    if op == "Concat":
-        return np.concatenate([x for x in args if x is not None], axis=_int_attr(node, "axis", 0))
-    if op == "Range":
-        if args[1] is None or args[2] is None:
-            return None
-        return np.arange(a.item(), args[1].item(), args[2].item(), dtype=a.dtype)
-    if op == "Gather":
-        return np.take(a, args[1], axis=_int_attr(node, "axis", 0))
-    if op == "ReduceProd":
-        axes = _ints_attr(node, "axes")
-        if len(args) > 1 and args[1] is not None:
-            axes = [int(i) for i in args[1].reshape(-1)]
-        keep = bool(_int_attr(node, "keepdims", 1))
-        return np.prod(a, axis=tuple(axes) if axes else None, keepdims=keep)
-    if op == "ConstantOfShape":
-        attr = node.attributes.get("value")
-        fill = np.asarray(attr.as_tensor().numpy()).reshape(-1) if attr is not None else np.zeros(1, np.float32)
-        return np.full(tuple(int(s) for s in a.reshape(-1)), fill[0], dtype=fill.dtype)
-    return None
-
-
-# -- the core matcher ------------------------------------------------------------------------------
-
-
 def reduce_axes(facts: GraphFacts, node: ir.Node) -> tuple[int, ...] | str | None:
     """Axes of a Reduce* node (attribute or input); ``"all"`` when it reduces every axis; None if unknown."""
-    attr = _ints_attr(node, "axes")
+    attr = attr_ints(node, "axes")
     if attr is not None:
         return tuple(attr)
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         axes = facts.const(node.inputs[1])
         return None if axes is None else tuple(int(i) for i in axes.reshape(-1))
-    if _int_attr(node, "noop_with_empty_axes", 0):
+    if attr_int(node, "noop_with_empty_axes", 0):
         return ()
     return "all"
 
@@ -466,27 +71,6 @@ def _consumers(value: ir.Value) -> list[ir.Node]:
     return [use.node for use in value_uses(value)]
 
 
-def value_uses(value: ir.Value) -> list[ir.Usage]:
-    """Uses that read the value's data: ``Shape``/``Size`` and CastLike's ``target_type`` only read its
-    metadata, which a fusion preserves, so they never block one (they die with the pattern or stay valid)."""
-    return [
-        use
-        for use in value.uses()
-        if use.node.op_type not in ("Shape", "Size") and not (use.node.op_type == "CastLike" and use.idx == 1)
-    ]
-
-
-def single_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
-    """The one node reading ``value``'s data when it is ``op_type`` and ``value`` is not a graph output."""
-    if value.is_graph_output():
-        return None
-    uses = value_uses(value)
-    if len(uses) != 1:
-        return None
-    node = uses[0].node
-    return node if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
-
-
 @dataclass
 class _Match:
     nodes: list[ir.Node] = field(default_factory=list)
@@ -501,7 +85,7 @@ def _is_mean_of(facts: GraphFacts, value: ir.Value | None, x: ir.Value) -> ir.No
     node = value.producer() if value is not None else None
     if node is None or node.op_type != "ReduceMean" or node.inputs[0] is not x:
         return None
-    if not _int_attr(node, "keepdims", 1):
+    if not attr_int(node, "keepdims", 1):
         return None
     return node
 
@@ -529,7 +113,7 @@ def _looks_like_std(value: ir.Value) -> bool:
 
 def match_core(facts: GraphFacts, mean_node: ir.Node) -> NormCore | Reject | None:
     """Match the normalization core anchored at ``mean_node`` (the ReduceMean of the mean)."""
-    if mean_node.op_type != "ReduceMean" or not _int_attr(mean_node, "keepdims", 1):
+    if mean_node.op_type != "ReduceMean" or not attr_int(mean_node, "keepdims", 1):
         return None
     x = mean_node.inputs[0]
     mean = mean_node.outputs[0]
@@ -573,7 +157,7 @@ def match_core(facts: GraphFacts, mean_node: ir.Node) -> NormCore | Reject | Non
     m.add(std_node)
     assert ve is not None
     eps = 0.0
-    var = ve
+    var: ir.Value | None = ve
     add = ve.producer()
     if add is not None and add.op_type == "Add":
         a, b = add.inputs[0], add.inputs[1]
@@ -584,9 +168,10 @@ def match_core(facts: GraphFacts, mean_node: ir.Node) -> NormCore | Reject | Non
         else:
             const_like = b if producer_op(a) in _VAR_OPS else a
             array = facts.const(const_like)
+            label = const_like.name if const_like is not None else None
             if array is not None:
-                return Reject(site, f"epsilon {const_like.name!r} is not one scalar (shape {array.shape})")
-            return Reject(site, f"epsilon {const_like.name!r} is not a constant (computed at run time)")
+                return Reject(site, f"epsilon {label!r} is not one scalar (shape {array.shape})")
+            return Reject(site, f"epsilon {label!r} is not a constant (computed at run time)")
         eps = float(facts.scalar(eps_value))  # type: ignore[arg-type]
         m.add(add)
     assert var is not None
@@ -595,18 +180,26 @@ def match_core(facts: GraphFacts, mean_node: ir.Node) -> NormCore | Reject | Non
         return Reject(site, reason)
 
     output = div.outputs[0]
-    internal = {id(n) for n in m.nodes}
+    leak = _leak_reason(m.nodes, output, x)
+    if leak is not None:
+        return Reject(site, leak)
+    return NormCore(x=x, axes=axes, rank=rank, eps=eps, output=output, anchor=mean_node, nodes=m.nodes)
+
+
+def _leak_reason(nodes: list[ir.Node], output: ir.Value, x: ir.Value) -> str | None:
+    """Why a value inside the matched core is needed outside it (so the core cannot be replaced)."""
+    internal = {id(n) for n in nodes}
     graph_outputs = set(x.graph.outputs) if x.graph is not None else set()
-    for node in m.nodes:
+    for node in nodes:
         for out in node.outputs:
             if out is output:
                 continue
             if out in graph_outputs:
-                return Reject(site, f"intermediate {out.name!r} is a graph output")
+                return f"intermediate {out.name!r} is a graph output"
             for user in _consumers(out):
                 if id(user) not in internal:
-                    return Reject(site, f"intermediate {out.name!r} is also used by {user.op_type} {user.name!r}")
-    return NormCore(x=x, axes=axes, rank=rank, eps=eps, output=output, anchor=mean_node, nodes=m.nodes)
+                    return f"intermediate {out.name!r} is also used by {user.op_type} {user.name!r}"
+    return None
 
 
 _VAR_OPS = {"ReduceMean", "ReduceSum", "Div", "Mul", "Expand", "Reshape", "Unsqueeze"}
@@ -666,7 +259,7 @@ def _match_variance(
         return "the sum of squared deviations is not divided by n (not a mean)"
     if op != "ReduceMean":
         return f"the variance is produced by {op} {node.name!r}, not by ReduceMean of squared deviations"
-    keep = _int_attr(node, "keepdims", 1)
+    keep = attr_int(node, "keepdims", 1)
     if not keep and not restore:
         return "the variance is reduced with keepdims=0 and not broadcast back"
     raw = reduce_axes(facts, node)

@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 
 from normfold.errors import FusionError
-from normfold.fusers._normcore import Names, opset_of
+from normfold.fusers._graph import Names, opset_of
 
 logger = logging.getLogger(__name__)
 

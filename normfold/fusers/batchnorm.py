@@ -20,16 +20,20 @@ every skipped candidate.
 
 from __future__ import annotations
 
+import abc
 import itertools
 import logging
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
 
-from normfold.exporter.provenance import module_path
 from normfold.fusers import _graph as g
 from normfold.fusers import _math
-from normfold.fusers.base import NormfoldPass, register_pass
+from normfold.fusers._facts import GraphFacts
+from normfold.fusers._fold import FoldRule, FoldSite, fold_layer, weight_reason
+from normfold.fusers.base import Reject, Rule, Scope, Site, register_rule
 
 logger = logging.getLogger(__name__)
 
@@ -58,68 +62,56 @@ def bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
     sizes = {p.size for p in params}
     if len(sizes) != 1:
         return f"BN parameters have different lengths {sorted(sizes)}"
-    return _math.bn_scale_shift(*params, eps)
+    gamma, beta, mean, var = params
+    return _math.bn_scale_shift(gamma, beta, mean, var, eps)
 
 
-def _batchnorms(graph: ir.Graph) -> list[ir.Node]:
-    return [n for n in graph if n.op_type == "BatchNormalization" and n.domain == ""]
+def _scale_shift(bn: ir.Node) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`bn_affine` of a BN that ``check`` accepted."""
+    affine = bn_affine(bn)
+    assert not isinstance(affine, str), affine
+    return affine
 
 
-def _alive(node: ir.Node, graph: ir.Graph) -> bool:
-    return node.graph is graph
+def _weights(site: FoldSite) -> tuple[np.ndarray, np.ndarray | None]:
+    """The layer's constant weight and bias (``validate`` accepted both)."""
+    w = g.const_array(site.weight)
+    assert w is not None
+    return w, g.const_array(site.bias)
 
 
-class _BatchNormRule(NormfoldPass):
-    """Visits every live BatchNormalization once per run; subclasses decide what to do with each."""
+@dataclass(frozen=True, eq=False)
+class BnSite(FoldSite):
+    """A BatchNormalization next to a layer: ``bn`` is folded into ``layer``."""
 
-    def run(self, model: ir.Model) -> bool:
-        graph = model.graph
-        modified = False
-        for bn in _batchnorms(graph):
-            if _alive(bn, graph):
-                modified |= self._visit(graph, bn)
-        return modified
-
-    def _visit(self, graph: ir.Graph, bn: ir.Node) -> bool:
-        raise NotImplementedError
-
-    def _affine(self, bn: ir.Node, nodes: tuple[ir.Node, ...]) -> tuple[np.ndarray, np.ndarray] | None:
-        """BN's ``(s, t)``, or None with the skip recorded (site disabled by verification, or BN not foldable)."""
-        if self.site_disabled(bn.name or ""):
-            self.skipped(nodes, "disabled after failing verification")
-            return None
-        affine = bn_affine(bn)
-        if isinstance(affine, str):
-            self.skipped(nodes, affine)
-            return None
-        return affine
+    bn: ir.Node
 
 
-def _folded_initializers(
-    pass_: NormfoldPass,
-    graph: ir.Graph,
-    nodes: list[ir.Node],
-    weight: ir.Value,
-    bias_value: ir.Value | None,
-    dtypes: tuple[np.dtype, np.dtype],
-    w64: np.ndarray,
-    b64: np.ndarray,
-) -> tuple[ir.Value, ir.Value] | None:
-    """Cast the float64 fold to the initializers' dtypes and add them as *new* initializers (never in
-    place: the exporter may alias them with BN statistics). None, with the skip recorded, when a folded
-    value would overflow its dtype."""
-    try:
-        w_new = _math.cast_checked(w64, dtypes[0], "weight")
-        b_new = _math.cast_checked(b64, dtypes[1], "bias")
-    except _math.FoldOverflowError as e:
-        pass_.skipped(nodes, f"{e}; the unfolded BN does not overflow, so it is kept")
-        return None
-    bias_name = f"{weight.name}_bias" if bias_value is None else bias_value.name
-    return g.new_initializer(graph, w_new, weight.name), g.new_initializer(graph, b_new, bias_name)
+B = TypeVar("B", bound=BnSite)
 
 
-@register_pass
-class FuseBatchNormIntoConv(_BatchNormRule):
+class _BatchNormFold(FoldRule[B]):
+    """A BN folded into a layer: the BN must be foldable (:func:`bn_affine`), then the layer is checked."""
+
+    anchors = ("BatchNormalization",)
+
+    def validate(self, site: B) -> str | None:
+        affine = bn_affine(site.bn)
+        return affine if isinstance(affine, str) else self.validate_layer(site, affine[0].size)
+
+    @abc.abstractmethod
+    def validate_layer(self, site: B, channels: int) -> str | None:
+        """Why the layer cannot absorb a ``channels``-channel BN, or None."""
+
+
+def _inputs(layer: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
+    """The layer's weight and optional bias input."""
+    weight = layer.inputs[1] if len(layer.inputs) > 1 else None
+    return weight, layer.inputs[2] if len(layer.inputs) > 2 else None
+
+
+@register_rule
+class FuseBatchNormIntoConv(_BatchNormFold[BnSite]):
     """``BN(Conv(x, W, B))`` → ``Conv(x, W', B')`` and the same for ConvTranspose.
 
     Conv weight ``(Cout, Cin/g, *k)``: ``W' = W·s[o]`` on axis 0. ConvTranspose weight
@@ -131,53 +123,53 @@ class FuseBatchNormIntoConv(_BatchNormRule):
 
     name = "fuse_bn_into_conv"
 
-    def _visit(self, graph: ir.Graph, bn: ir.Node) -> bool:
-        y = bn.inputs[0]
+    def match(self, facts: GraphFacts, node: ir.Node) -> BnSite | None:
+        y = node.inputs[0]
         conv = y.producer() if y is not None else None
-        if y is None or conv is None or conv.op_type not in ("Conv", "ConvTranspose") or conv.domain != "":
-            return False
-        nodes = (conv, bn)
-        affine = self._affine(bn, nodes)
-        if affine is None:
-            return False
-        s, t = affine
-        if g.sole_consumer(y) is not bn:
-            self.skipped(nodes, f"{conv.op_type} output '{y.name}' has other consumers besides the BN")
-            return False
-        weight = conv.inputs[1]
-        w = g.const_array(weight)
-        if w is None or weight is None:
-            self.skipped(nodes, g.nonconst_reason(weight, f"{conv.op_type} weight"))
-            return False
-        bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
-        b = g.const_array(bias_value) if bias_value is not None else None
-        if bias_value is not None and b is None:
-            self.skipped(nodes, g.nonconst_reason(bias_value, f"{conv.op_type} bias"))
-            return False
-        shared = g.shared_weight_reason(weight, conv, self.ctx.allow_weight_copies)
-        if shared:
-            self.skipped(nodes, shared)
-            return False
+        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or conv.domain != "":
+            return None
+        weight, bias = _inputs(conv)
+        return BnSite(nodes=(conv, node), anchor=node, layer=conv, weight=weight, bias=bias, bn=node)
+
+    def validate_layer(self, site: BnSite, channels: int) -> str | None:
+        conv, bn = site.layer, site.bn
+        y = bn.inputs[0]
+        if y is None or g.sole_consumer(y) is not bn:
+            return f"{conv.op_type} output '{y.name if y else ''}' has other consumers besides the BN"
+        reason = weight_reason(site, self.ctx.allow_weight_copies)
+        if reason is not None:
+            return reason
+        w, _ = _weights(site)
         group = g.attr_int(conv, "group", 1)
         cout = w.shape[0] if conv.op_type == "Conv" else w.shape[1] * group
-        if cout != s.size or (conv.op_type == "ConvTranspose" and w.shape[0] % group):
-            self.skipped(nodes, f"BN has {s.size} channels but the {conv.op_type} produces {cout}")
-            return False
-        if conv.op_type == "Conv":
+        if cout != channels or (conv.op_type == "ConvTranspose" and w.shape[0] % group):
+            return f"BN has {channels} channels but the {conv.op_type} produces {cout}"
+        return None
+
+    def fold(self, site: BnSite) -> tuple[np.ndarray, np.ndarray]:
+        s, t = _scale_shift(site.bn)
+        w, b = _weights(site)
+        if site.layer.op_type == "Conv":
             w64 = _math.scale_output_channels(w, s, 0)
         else:
-            w64 = _math.scale_conv_transpose(w, s, group)
-        b64 = _math.fold_bias(b, s, t)
-        dtypes = (w.dtype, b.dtype if b is not None else w.dtype)
-        inits = _folded_initializers(self, graph, nodes, weight, bias_value, dtypes, w64, b64)
-        if inits is None:
-            return False
-        new = g.clone_node(conv, [conv.inputs[0], *inits])
-        g.stamp(new, bn, module_path(bn))
-        g.swap(graph, [conv, bn], [new], bn.outputs[0], new.outputs[0])
-        cloned = " (weight cloned: it is shared)" if g.other_users(weight, []) else ""
-        self.applied(nodes, f"folded into {conv.op_type}{cloned}")
-        return True
+            w64 = _math.scale_conv_transpose(w, s, g.attr_int(site.layer, "group", 1))
+        return w64, _math.fold_bias(b, s, t)
+
+    def rewrite(self, scope: Scope, site: BnSite) -> list[ir.Node]:
+        conv, bn = site.layer, site.bn
+        new = fold_layer(scope, site, conv.inputs[0], self.folded_weights(site), source=bn, add_name="")
+        g.swap(scope.graph, [conv, bn], new, bn.outputs[0], new[-1].outputs[0])
+        return new
+
+
+@dataclass(frozen=True, eq=False)
+class GemmSite(BnSite):
+    """``bn`` after a Gemm/MatMul ``layer``; ``chain`` the optional bias Add and Transpose between them."""
+
+    chain: tuple[ir.Node, ...]
+
+    def link(self, op_type: str) -> ir.Node | None:
+        return next((c for c in self.chain if c.op_type == op_type), None)
 
 
 def _feature_layer(y: ir.Value) -> tuple[list[ir.Node], ir.Node | None]:
@@ -192,8 +184,8 @@ def _feature_layer(y: ir.Value) -> tuple[list[ir.Node], ir.Node | None]:
         chain.insert(0, node)
         node = node.inputs[0].producer() if node.inputs[0] is not None else None
     if node is not None and node.op_type == "Add" and node.domain == "":
-        mm = [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
-        mm = [p for p in mm if p.op_type == "MatMul" and p.domain == ""]
+        producers = [v.producer() for v in node.inputs if v is not None]
+        mm = [p for p in producers if p is not None and p.op_type == "MatMul" and p.domain == ""]
         if not mm:
             return chain, None
         chain.insert(0, node)
@@ -205,8 +197,8 @@ def _feature_layer(y: ir.Value) -> tuple[list[ir.Node], ir.Node | None]:
     return chain, node
 
 
-@register_pass
-class FuseBatchNormIntoGemm(_BatchNormRule):
+@register_rule
+class FuseBatchNormIntoGemm(_BatchNormFold[GemmSite]):
     """``BN(Gemm)``, ``BN(MatMul(+Add))`` and ``BN(Transpose(MatMul+Add))`` (Linear→BatchNorm1d).
 
     The feature axis of ``Y = α·A·B + β·C`` is N: ``B`` is ``(K, N)`` for transB=0 (scale axis 1) and
@@ -222,102 +214,85 @@ class FuseBatchNormIntoGemm(_BatchNormRule):
 
     name = "fuse_bn_into_gemm"
 
-    def _visit(self, graph: ir.Graph, bn: ir.Node) -> bool:
-        y = bn.inputs[0]
+    def match(self, facts: GraphFacts, node: ir.Node) -> GemmSite | None:
+        y = node.inputs[0]
         if y is None:
-            return False
+            return None
         chain, layer = _feature_layer(y)
         if layer is None:
-            return False
-        nodes = (layer, *chain, bn)
-        affine = self._affine(bn, nodes)
-        if affine is None:
-            return False
-        s, t = affine
-        # every intermediate value must feed exactly the next node of the chain
-        path = [layer, *chain, bn]
-        for producer, consumer in itertools.pairwise(path):
-            if g.sole_consumer(producer.outputs[0]) is not consumer:
-                self.skipped(nodes, f"'{producer.outputs[0].name}' has other consumers besides the BN chain")
-                return False
-        transpose = next((c for c in chain if c.op_type == "Transpose"), None)
+            return None
         add = next((c for c in chain if c.op_type == "Add"), None)
-        if transpose is not None:
-            perm = g.attr_ints(transpose, "perm")
-            rank = len(perm) if perm is not None else None
-            if perm is None or rank is None or rank < 2 or perm[1] != rank - 1:
-                self.skipped(nodes, f"Transpose perm {perm} does not move the layer's feature axis to the BN axis 1")
-                return False
+        if layer.op_type == "Gemm":
+            bias = layer.inputs[2] if len(layer.inputs) > 2 else None
         else:
-            rank = 2 if layer.op_type == "Gemm" else _rank(layer, y)
-            if rank != 2:
-                self.skipped(
-                    nodes,
-                    f"BN normalizes axis 1 of a rank-{rank} {layer.op_type} output, not the layer's feature "
-                    "(last) axis: the scale cannot move into the weights",
-                )
-                return False
+            bias = next((v for v in add.inputs if v is not layer.outputs[0]), None) if add else None
         weight = layer.inputs[1]
-        w = g.const_array(weight)
-        if w is None or weight is None:
-            self.skipped(nodes, g.nonconst_reason(weight, f"{layer.op_type} weight"))
-            return False
+        nodes = (layer, *chain, node)
+        return GemmSite(nodes=nodes, anchor=node, layer=layer, weight=weight, bias=bias, bn=node, chain=tuple(chain))
+
+    def validate_layer(self, site: GemmSite, channels: int) -> str | None:
+        # every intermediate value must feed exactly the next node of the chain
+        for producer, consumer in itertools.pairwise(site.nodes):
+            if g.sole_consumer(producer.outputs[0]) is not consumer:
+                return f"'{producer.outputs[0].name}' has other consumers besides the BN chain"
+        reason = _feature_axis_reason(site) or weight_reason(site, self.ctx.allow_weight_copies)
+        if reason is not None:
+            return reason
+        w, b = _weights(site)
+        layer = site.layer
         if w.ndim != 2:
-            self.skipped(nodes, f"{layer.op_type} weight has rank {w.ndim}, expected 2")
-            return False
-        shared = g.shared_weight_reason(weight, layer, self.ctx.allow_weight_copies)
-        if shared:
-            self.skipped(nodes, shared)
-            return False
-        if layer.op_type == "Gemm":
-            trans_b = g.attr_int(layer, "transB", 0)
-            axis = 0 if trans_b else 1
-            bias_value = layer.inputs[2] if len(layer.inputs) > 2 else None
-            beta = g.attr_float(layer, "beta", 1.0)
-        else:
-            axis = 1
-            bias_value = next((v for v in add.inputs if v is not layer.outputs[0]), None) if add else None
-            beta = 1.0
-        if w.shape[axis] != s.size:
-            self.skipped(nodes, f"BN has {s.size} channels but the {layer.op_type} produces {w.shape[axis]}")
-            return False
-        b = g.const_array(bias_value) if bias_value is not None else None
-        if bias_value is not None and b is None:
-            self.skipped(nodes, g.nonconst_reason(bias_value, f"{layer.op_type} bias"))
-            return False
-        if b is not None and add is not None and not _is_feature_bias(b, s.size):
-            self.skipped(nodes, f"Add operand of shape {list(b.shape)} is not a per-feature bias")
-            return False
-        w64 = _math.scale_output_channels(w, s, axis)
-        b64 = _math.fold_bias(None if b is None else beta * np.asarray(b, dtype=np.float64), s, t)
-        dtypes = (w.dtype, b.dtype if b is not None else w.dtype)
-        inits = _folded_initializers(self, graph, nodes, weight, bias_value, dtypes, w64, b64)
-        if inits is None:
-            return False
-        path_name = module_path(bn)
-        w_init, b_init = inits
-        if layer.op_type == "Gemm":
-            new_nodes = [g.clone_node(layer, [layer.inputs[0], w_init, b_init], drop_attrs=("beta",))]
-        else:
-            mm = g.clone_node(layer, [layer.inputs[0], w_init])
-            add_name = add.name if add is not None else f"{bn.name}_bias"
-            new_nodes = [mm, ir.Node("", "Add", [mm.outputs[0], b_init], num_outputs=1, name=add_name)]
-        for node in new_nodes:
-            g.stamp(node, bn, path_name)
-        out = new_nodes[-1].outputs[0]
+            return f"{layer.op_type} weight has rank {w.ndim}, expected 2"
+        if w.shape[_gemm_axis(layer)] != channels:
+            return f"BN has {channels} channels but the {layer.op_type} produces {w.shape[_gemm_axis(layer)]}"
+        if b is not None and site.link("Add") is not None and not _is_feature_bias(b, channels):
+            return f"Add operand of shape {list(b.shape)} is not a per-feature bias"
+        return None
+
+    def fold(self, site: GemmSite) -> tuple[np.ndarray, np.ndarray]:
+        s, t = _scale_shift(site.bn)
+        w, b = _weights(site)
+        beta = g.attr_float(site.layer, "beta", 1.0) if site.layer.op_type == "Gemm" else 1.0
+        w64 = _math.scale_output_channels(w, s, _gemm_axis(site.layer))
+        return w64, _math.fold_bias(None if b is None else beta * np.asarray(b, dtype=np.float64), s, t)
+
+    def rewrite(self, scope: Scope, site: GemmSite) -> list[ir.Node]:
+        layer, bn, add, transpose = site.layer, site.bn, site.link("Add"), site.link("Transpose")
+        add_name = add.name if add is not None and add.name else f"{bn.name}_bias"
+        new = fold_layer(scope, site, layer.inputs[0], self.folded_weights(site), source=bn, add_name=add_name)
+        out = new[-1].outputs[0]
         old = [layer, *([add] if add else [])]
-        if transpose is not None:
-            # keep the Transpose: it now reads the folded layer and produces what the BN produced
-            graph.insert_before(layer, new_nodes)
-            out.type, out.shape = old[-1].outputs[0].type, old[-1].outputs[0].shape
-            transpose.replace_input_with(0, out)
-            graph.remove(old, safe=True)
-            _route(graph, bn, transpose.outputs[0])
-        else:
-            g.swap(graph, [*old, bn], new_nodes, bn.outputs[0], out)
-        cloned = " (weight cloned: it is shared)" if g.other_users(weight, []) else ""
-        self.applied(nodes, f"folded into {layer.op_type}{cloned}")
-        return True
+        if transpose is None:
+            g.swap(scope.graph, [*old, bn], new, bn.outputs[0], out)
+            return new
+        # keep the Transpose: it now reads the folded layer and produces what the BN produced
+        scope.graph.insert_before(layer, new)
+        out.type, out.shape = old[-1].outputs[0].type, old[-1].outputs[0].shape
+        transpose.replace_input_with(0, out)
+        scope.graph.remove(old, safe=True)
+        _route(scope.graph, bn, transpose.outputs[0])
+        return new
+
+
+def _gemm_axis(layer: ir.Node) -> int:
+    """The weight axis of the output features: Gemm ``B`` is (N, K) with transB=1, else (K, N)."""
+    return 0 if layer.op_type == "Gemm" and g.attr_int(layer, "transB", 0) else 1
+
+
+def _feature_axis_reason(site: GemmSite) -> str | None:
+    """Why BN's axis 1 is not the layer's feature axis (see :class:`FuseBatchNormIntoGemm`)."""
+    transpose, layer = site.link("Transpose"), site.layer
+    if transpose is not None:
+        perm = g.attr_ints(transpose, "perm")
+        if perm is None or len(perm) < 2 or perm[1] != len(perm) - 1:
+            return f"Transpose perm {perm} does not move the layer's feature axis to the BN axis 1"
+        return None
+    rank = 2 if layer.op_type == "Gemm" else _rank(layer, site.bn.inputs[0])
+    if rank != 2:
+        return (
+            f"BN normalizes axis 1 of a rank-{rank} {layer.op_type} output, not the layer's feature "
+            "(last) axis: the scale cannot move into the weights"
+        )
+    return None
 
 
 def _is_feature_bias(b: np.ndarray, channels: int) -> bool:
@@ -339,15 +314,15 @@ def _route(graph: ir.Graph, bn: ir.Node, replacement: ir.Value) -> None:
     replacement.name = name
 
 
-def _rank(layer: ir.Node, y: ir.Value) -> int | None:
+def _rank(layer: ir.Node, y: ir.Value | None) -> int | None:
     for value in (y, layer.outputs[0], layer.inputs[0]):
         if value is not None and value.shape is not None:
             return len(value.shape)
     return None
 
 
-@register_pass
-class FuseBatchNormIntoNextConv(_BatchNormRule):
+@register_rule
+class FuseBatchNormIntoNextConv(_BatchNormFold[BnSite]):
     """``Conv(BN(x), W, B)`` → ``Conv(x, W', B')`` when the conv has no padding.
 
     With ``k = Cin/g`` input channels per group and ``gi = o // (Cout/g)``:
@@ -360,58 +335,47 @@ class FuseBatchNormIntoNextConv(_BatchNormRule):
 
     name = "fuse_bn_into_next_conv"
 
-    def _visit(self, graph: ir.Graph, bn: ir.Node) -> bool:
-        out = bn.outputs[0]
-        readers = [u.node for u in out.uses()]
-        convs = [n for n in readers if n.op_type == "Conv" and n.domain == ""]
+    def match(self, facts: GraphFacts, node: ir.Node) -> BnSite | None:
+        convs = [u.node for u in node.outputs[0].uses() if u.node.op_type == "Conv" and u.node.domain == ""]
         if not convs:
-            return False
-        conv = convs[0]
-        nodes = (bn, conv)
-        affine = self._affine(bn, nodes)
-        if affine is None:
-            return False
+            return None
+        weight, bias = _inputs(convs[0])
+        return BnSite(nodes=(node, convs[0]), anchor=node, layer=convs[0], weight=weight, bias=bias, bn=node)
+
+    def validate_layer(self, site: BnSite, channels: int) -> str | None:
+        conv, bn = site.layer, site.bn
+        out = bn.outputs[0]
         if g.sole_consumer(out) is not conv or conv.inputs[0] is not out:
-            self.skipped(nodes, f"BN output '{out.name}' has other consumers besides the Conv input")
-            return False
+            return f"BN output '{out.name}' has other consumers besides the Conv input"
         pads = g.attr_ints(conv, "pads") or []
         auto_pad = g.attr_str(conv, "auto_pad", "NOTSET")
         if any(pads) or auto_pad not in ("NOTSET", "VALID"):
-            self.skipped(
-                nodes,
+            return (
                 f"Conv pads {pads or auto_pad} are non-zero: folding a BN into the following conv is not "
-                "exact at the borders (the zero padding enters after the BN; NORMS.md §5)",
+                "exact at the borders (the zero padding enters after the BN; NORMS.md §5)"
             )
-            return False
-        s, t = affine
-        weight = conv.inputs[1]
-        w = g.const_array(weight)
-        if w is None or weight is None:
-            self.skipped(nodes, g.nonconst_reason(weight, "Conv weight"))
-            return False
-        bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
-        b = g.const_array(bias_value) if bias_value is not None else None
-        if bias_value is not None and b is None:
-            self.skipped(nodes, g.nonconst_reason(bias_value, "Conv bias"))
-            return False
-        shared = g.shared_weight_reason(weight, conv, self.ctx.allow_weight_copies)
-        if shared:
-            self.skipped(nodes, shared)
-            return False
+        reason = weight_reason(site, self.ctx.allow_weight_copies)
+        if reason is not None:
+            return reason
+        w, _ = _weights(site)
         group = g.attr_int(conv, "group", 1)
-        if w.shape[1] * group != s.size or w.shape[0] % group:
-            self.skipped(nodes, f"BN has {s.size} channels but the Conv reads {w.shape[1] * group}")
-            return False
-        w64, b64 = _math.fold_into_next_conv(w, b, s, t, group)
-        dtypes = (w.dtype, b.dtype if b is not None else w.dtype)
-        inits = _folded_initializers(self, graph, nodes, weight, bias_value, dtypes, w64, b64)
-        if inits is None:
-            return False
-        new = g.clone_node(conv, [bn.inputs[0], *inits])
-        g.stamp(new, conv, module_path(conv))
-        g.swap(graph, [bn, conv], [new], conv.outputs[0], new.outputs[0])
-        self.applied(nodes, "folded into the following Conv's input channels")
-        return True
+        if w.shape[1] * group != channels or w.shape[0] % group:
+            return f"BN has {channels} channels but the Conv reads {w.shape[1] * group}"
+        return None
+
+    def fold(self, site: BnSite) -> tuple[np.ndarray, np.ndarray]:
+        s, t = _scale_shift(site.bn)
+        w, b = _weights(site)
+        return _math.fold_into_next_conv(w, b, s, t, g.attr_int(site.layer, "group", 1))
+
+    def rewrite(self, scope: Scope, site: BnSite) -> list[ir.Node]:
+        conv, bn = site.layer, site.bn
+        new = fold_layer(scope, site, bn.inputs[0], self.folded_weights(site), source=conv, add_name="")
+        g.swap(scope.graph, [bn, conv], new, conv.outputs[0], new[-1].outputs[0])
+        return new
+
+    def describe(self, site: BnSite, created: list[ir.Node]) -> str:
+        return "folded into the following Conv's input channels"
 
 
 STANDALONE_CHOICE = (
@@ -421,8 +385,8 @@ STANDALONE_CHOICE = (
 )
 
 
-@register_pass
-class StandaloneBatchNorm(NormfoldPass):
+@register_rule
+class StandaloneBatchNorm(Rule[Site]):
     """A BN with no foldable neighbour: keep the cheapest exact form, and say so.
 
     The candidates are the BN itself and ``Mul(x, s) + t`` with ``s``, ``t`` from the module docstring.
@@ -432,10 +396,11 @@ class StandaloneBatchNorm(NormfoldPass):
     """
 
     name = "standalone_bn"
+    anchors = ("BatchNormalization",)
 
-    def run(self, model: ir.Model) -> bool:
-        for bn in _batchnorms(model.graph):
-            affine = bn_affine(bn)
-            reason = affine if isinstance(affine, str) else STANDALONE_CHOICE
-            self.skipped((bn,), reason)
-        return False
+    def match(self, facts: GraphFacts, node: ir.Node) -> Reject:
+        affine = bn_affine(node)
+        return Reject((node,), affine if isinstance(affine, str) else STANDALONE_CHOICE)
+
+    def rewrite(self, scope: Scope, site: Site) -> list[ir.Node]:
+        raise AssertionError("standalone_bn only reports: match() never returns a site")

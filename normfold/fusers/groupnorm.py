@@ -31,27 +31,16 @@ shapes; there is no onnxscript rule for the hand-written form.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from normfold.exporter.provenance import set_module_path
-from normfold.fusers._normcore import (
-    GraphFacts,
-    Names,
-    NormCore,
-    Reject,
-    add_initializer,
-    match_core,
-    other_operand,
-    owner_path,
-    remove_dead,
-    replace_output,
-    single_consumer,
-)
-from normfold.fusers._opset import opset_plan, raise_opset
-from normfold.fusers.base import NormfoldPass, register_pass
+from normfold.fusers._facts import GraphFacts
+from normfold.fusers._graph import other_operand, owner_path, remove_dead, replace_output, single_consumer
+from normfold.fusers._normcore import NormCore, match_core
+from normfold.fusers.base import Reject, Rule, Scope, Site, register_rule
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +48,10 @@ GROUPNORM_OPSET = 21
 _GN_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
-@dataclass
-class _Plan:
-    """What to emit for one GroupNorm site."""
+@dataclass(frozen=True, eq=False)
+class GroupNormSite(Site):
+    """What to emit for one GroupNorm site: ``norm`` is the InstanceNormalization or the mean's
+    ReduceMean (its module path goes to the fused node); γ/β are per-channel, in x's dtype."""
 
     x: ir.Value
     groups: int
@@ -70,52 +60,26 @@ class _Plan:
     scale: np.ndarray
     bias: np.ndarray
     output: ir.Value
-    anchor: ir.Node
-    nodes: list[ir.Node] = field(default_factory=list)
+    norm: ir.Node
     affine: str = "none"
 
 
-@register_pass
-class GroupNormFusion(NormfoldPass):
+@register_rule
+class GroupNormFusion(Rule[GroupNormSite]):
     """Reshape→(InstanceNormalization | hand-written mean/var)→Reshape[→Mul(γ)][→Add(β)] → GN-21."""
 
     name = "fuse_groupnorm"
+    anchors = ("InstanceNormalization", "ReduceMean")
+    opset = (GROUPNORM_OPSET, "GroupNormalization-21")
+    prime_facts = True
 
-    def run(self, model: ir.Model) -> bool:
-        facts = GraphFacts(model)
-        graph = model.graph
-        raise_to, opset_reason = opset_plan(model, self.ctx.target_opset, GROUPNORM_OPSET, "GroupNormalization-21")
-        created: list[ir.Node] = []
-        names = Names(model)
-        if any(n.op_type in ("InstanceNormalization", "ReduceMean") for n in graph):
-            facts.prime()
-        for node in list(graph):
-            if node.graph is not graph or node.domain not in ("", "ai.onnx"):
-                continue
-            if node.op_type == "InstanceNormalization":
-                plan = self._match_instance_norm(facts, node)
-            elif node.op_type == "ReduceMean":
-                plan = self._match_handwritten(facts, node)
-            else:
-                continue
-            if plan is None:
-                continue
-            if isinstance(plan, Reject):
-                self.skipped(plan.nodes, plan.reason)
-                continue
-            if self.site_disabled(plan.nodes[0].name or ""):
-                self.skipped(plan.nodes, "disabled by verification at this site")
-                continue
-            if opset_reason is not None:
-                self.skipped(plan.nodes, opset_reason)
-                continue
-            created.append(self._rewrite(graph, names, plan))
-        if created and raise_to is not None:
-            raise_opset(model, raise_to, exclude=created)
-        return bool(created)
+    def match(self, facts: GraphFacts, node: ir.Node) -> GroupNormSite | Reject | None:
+        if node.op_type == "InstanceNormalization":
+            return self._match_instance_norm(facts, node)
+        return self._match_handwritten(facts, node)
 
     # -- matching -------------------------------------------------------------------------------
-    def _match_instance_norm(self, facts: GraphFacts, node: ir.Node) -> _Plan | Reject | None:
+    def _match_instance_norm(self, facts: GraphFacts, node: ir.Node) -> GroupNormSite | Reject | None:
         xg = node.inputs[0]
         reshape = xg.producer() if xg is not None else None
         if reshape is None or reshape.op_type != "Reshape":
@@ -135,7 +99,7 @@ class GroupNormFusion(NormfoldPass):
         eps = eps_attr.as_float() if eps_attr is not None else 1e-5
         return self._finish(facts, x, g, eps, node, [reshape, node], s_g.reshape(-1), b_g.reshape(-1))
 
-    def _match_handwritten(self, facts: GraphFacts, node: ir.Node) -> _Plan | Reject | None:
+    def _match_handwritten(self, facts: GraphFacts, node: ir.Node) -> GroupNormSite | Reject | None:
         xg = node.inputs[0]
         reshape = xg.producer() if xg is not None else None
         if reshape is None or reshape.op_type != "Reshape":
@@ -174,7 +138,7 @@ class GroupNormFusion(NormfoldPass):
         s_g: np.ndarray | None,
         b_g: np.ndarray | None,
         core: NormCore | None = None,
-    ) -> _Plan | Reject:
+    ) -> GroupNormSite | Reject:
         inner = core.output if core is not None else anchor.outputs[0]
         site = tuple(nodes)
         back = single_consumer(inner, "Reshape")
@@ -210,7 +174,10 @@ class GroupNormFusion(NormfoldPass):
             current = add.outputs[0]
             affine += "+bias"
         np_dtype = dtype.numpy()
-        return _Plan(
+        return GroupNormSite(
+            nodes=tuple(nodes),
+            anchor=nodes[0],
+            norm=anchor,
             x=x,
             groups=groups,
             eps=eps,
@@ -218,36 +185,34 @@ class GroupNormFusion(NormfoldPass):
             scale=gamma.astype(np_dtype),
             bias=beta.astype(np_dtype),
             output=current,
-            anchor=anchor,
-            nodes=nodes,
             affine=affine,
         )
 
     # -- rewriting ------------------------------------------------------------------------------
-    def _rewrite(self, graph: ir.Graph, names: Names, plan: _Plan) -> ir.Node:
-        base = plan.output.name or "groupnorm"
-        scale = add_initializer(graph, names, f"{base}_gn_scale", plan.scale)
-        bias = add_initializer(graph, names, f"{base}_gn_bias", plan.bias)
+    def rewrite(self, scope: Scope, site: GroupNormSite) -> list[ir.Node]:
+        base = site.output.name or "groupnorm"
+        scale = scope.constant(site.scale, f"{base}_gn_scale")
+        bias = scope.constant(site.bias, f"{base}_gn_bias")
         gn = ir.node(
             "GroupNormalization",
-            [plan.x, scale, bias],
-            attributes={"num_groups": plan.groups, "epsilon": float(plan.eps), "stash_type": 1},
-            name=names.fresh(f"{plan.anchor.name or 'GroupNorm'}_GroupNormalization"),
+            [site.x, scale, bias],
+            attributes={"num_groups": site.groups, "epsilon": float(site.eps), "stash_type": 1},
+            name=scope.names.fresh(f"{site.norm.name or 'GroupNorm'}_GroupNormalization"),
         )
-        set_module_path(gn, owner_path(plan.nodes, plan.anchor))
-        gn.outputs[0].dtype = plan.dtype
-        gn.outputs[0].shape = plan.output.shape
-        producer = plan.output.producer()
+        set_module_path(gn, owner_path(site.nodes, site.norm))
+        gn.outputs[0].dtype = site.dtype
+        gn.outputs[0].shape = site.output.shape
+        producer = site.output.producer()
         assert producer is not None
-        graph.insert_after(producer, gn)  # every replaced node is an ancestor of the output
-        replace_output(names, plan.output, gn.outputs[0], f"{base}_gn")
-        remove_dead(graph, reversed(plan.nodes))
-        self.applied(
-            plan.nodes,
-            f"GroupNormalization-21(num_groups={plan.groups}, epsilon={plan.eps:g}, stash_type=1, "
-            f"affine={plan.affine})",
+        scope.graph.insert_after(producer, gn)  # every replaced node is an ancestor of the output
+        replace_output(scope.names, site.output, gn.outputs[0], f"{base}_gn")
+        remove_dead(scope.graph, reversed(site.nodes))
+        return [gn]
+
+    def describe(self, site: GroupNormSite, created: list[ir.Node]) -> str:
+        return (
+            f"GroupNormalization-21(num_groups={site.groups}, epsilon={site.eps:g}, stash_type=1, affine={site.affine})"
         )
-        return gn
 
 
 def _group_layout(facts: GraphFacts, reshape: ir.Node) -> tuple[ir.Value, int] | str:

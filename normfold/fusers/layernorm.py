@@ -26,26 +26,16 @@ Models below opset 17 are fused only when ``ctx.target_opset`` ≥ 17 asks to ra
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from normfold.exporter.provenance import set_module_path
-from normfold.fusers._normcore import (
-    GraphFacts,
-    Names,
-    NormCore,
-    Reject,
-    add_initializer,
-    match_core,
-    other_operand,
-    owner_path,
-    remove_dead,
-    replace_output,
-    single_consumer,
-)
-from normfold.fusers._opset import opset_plan, raise_opset
-from normfold.fusers.base import NormfoldPass, register_pass
+from normfold.fusers._facts import GraphFacts
+from normfold.fusers._graph import other_operand, owner_path, remove_dead, replace_output, single_consumer
+from normfold.fusers._normcore import NormCore, match_core
+from normfold.fusers.base import Reject, Rule, Scope, Site, register_rule
 
 logger = logging.getLogger(__name__)
 
@@ -53,45 +43,33 @@ LAYERNORM_OPSET = 17
 _LN_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
-@register_pass
-class LayerNormFusion(NormfoldPass):
+@dataclass(frozen=True, eq=False)
+class LayerNormSite(Site):
+    """A matched LayerNorm: the core, the absorbed affine (γ/β as arrays of the normalized shape, or
+    values used as they are) and the value the fused node replaces."""
+
+    core: NormCore
+    axis: int
+    dtype: ir.DataType
+    norm_shape: tuple[int | None, ...]
+    scale: np.ndarray | ir.Value | None
+    bias: np.ndarray | ir.Value | None
+    output: ir.Value
+
+
+@register_rule
+class LayerNormFusion(Rule[LayerNormSite]):
     """ReduceMean-Sub-(Pow|Mul)-ReduceMean-Add(ε)-Sqrt-(Div|Reciprocal·Mul)[-Mul(γ)][-Add(β)] → LN-17."""
 
     name = "fuse_layernorm"
+    anchors = ("ReduceMean",)
+    opset = (LAYERNORM_OPSET, "LayerNormalization")
+    prime_facts = True
 
-    def run(self, model: ir.Model) -> bool:
-        facts = GraphFacts(model)
-        graph = model.graph
-        raise_to, opset_reason = opset_plan(model, self.ctx.target_opset, LAYERNORM_OPSET, "LayerNormalization")
-        created: list[ir.Node] = []
-        names = Names(model)
-        if any(n.op_type in ("ReduceMean",) for n in graph):
-            facts.prime()
-        for node in [n for n in graph if n.op_type == "ReduceMean" and n.domain in ("", "ai.onnx")]:
-            if node.graph is not graph:
-                continue  # removed by an earlier fusion
-            found = match_core(facts, node)
-            if found is None:
-                continue
-            if isinstance(found, Reject):
-                self.skipped(found.nodes, found.reason)
-                continue
-            if self.site_disabled(found.nodes[0].name or ""):
-                self.skipped(found.nodes, "disabled by verification at this site")
-                continue
-            plan = self._plan(facts, found)
-            if isinstance(plan, Reject):
-                self.skipped(plan.nodes, plan.reason)
-                continue
-            if opset_reason is not None:
-                self.skipped(found.nodes, opset_reason)
-                continue
-            created.append(self._rewrite(graph, names, plan))
-        if created and raise_to is not None:
-            raise_opset(model, raise_to, exclude=created)
-        return bool(created)
-
-    def _plan(self, facts: GraphFacts, core: NormCore) -> _Plan | Reject:
+    def match(self, facts: GraphFacts, node: ir.Node) -> LayerNormSite | Reject | None:
+        core = match_core(facts, node)
+        if core is None or isinstance(core, Reject):
+            return core
         nodes = tuple(core.nodes)
         rank = core.rank
         if rank is None:
@@ -104,85 +82,74 @@ class LayerNormFusion(NormfoldPass):
                 "LayerNormalization normalizes from `axis` to the last axis",
             )
         dtype = facts.dtype(core.x)
-        if dtype not in _LN_TYPES:
-            return Reject(nodes, f"input dtype {dtype} is not supported by LayerNormalization")
         shape = facts.shape(core.x)
-        assert shape is not None
+        if dtype not in _LN_TYPES or shape is None:
+            return Reject(nodes, f"input dtype {dtype} is not supported by LayerNormalization")
         norm_shape = shape[rank - k :]
-        plan = _Plan(core=core, axis=rank - k, dtype=dtype, norm_shape=norm_shape)
         # Optional affine: Mul(y, γ) then Add(·, β), each absorbed only when it broadcasts over A alone.
+        extra: list[ir.Node] = []
+        params: list[np.ndarray | ir.Value | None] = []
         current = core.output
-        mul = single_consumer(current, "Mul")
-        if mul is not None:
-            gamma = _affine_param(facts, other_operand(mul, current), rank, norm_shape, dtype)
-            if gamma is not None:
-                plan.scale, plan.extra = gamma, [mul]
-                current = mul.outputs[0]
-        add = single_consumer(current, "Add")
-        if add is not None:
-            beta = _affine_param(facts, other_operand(add, current), rank, norm_shape, dtype)
-            if beta is not None:
-                plan.bias = beta
-                plan.extra.append(add)
-                current = add.outputs[0]
-        plan.output = current
-        if plan.scale is None and any(d is None for d in norm_shape):
+        for op in ("Mul", "Add"):
+            user = single_consumer(current, op)
+            param = _affine_param(facts, other_operand(user, current), rank, norm_shape, dtype) if user else None
+            params.append(param)
+            if user is not None and param is not None:
+                extra.append(user)
+                current = user.outputs[0]
+        if params[0] is None and any(d is None for d in norm_shape):
             return Reject(nodes, f"normalized dims {norm_shape} are not static: cannot build a ones scale")
-        return plan
+        return LayerNormSite(
+            nodes=(*nodes, *extra),
+            anchor=core.anchor,
+            core=core,
+            axis=rank - k,
+            dtype=dtype,
+            norm_shape=norm_shape,
+            scale=params[0],
+            bias=params[1],
+            output=current,
+        )
 
-    def _rewrite(self, graph: ir.Graph, names: Names, plan: _Plan) -> ir.Node:
-        core = plan.core
+    def rewrite(self, scope: Scope, site: LayerNormSite) -> list[ir.Node]:
+        core = site.core
         base = core.output.name or "layernorm"
-        dims = tuple(int(d) for d in plan.norm_shape) if all(d is not None for d in plan.norm_shape) else None
         inputs: list[ir.Value | None] = [core.x]
-        for param, suffix, fill in ((plan.scale, "scale", 1.0), (plan.bias, "bias", None)):
-            if param is None:
-                if fill is not None:
-                    assert dims is not None
-                    inputs.append(add_initializer(graph, names, f"{base}_ln_{suffix}", _ones(dims, plan.dtype)))
-                continue
+        scale = site.scale
+        if scale is None:
+            scale = np.ones(tuple(int(d) for d in site.norm_shape if d is not None), dtype=site.dtype.numpy())
+        for param, suffix in ((scale, "scale"), (site.bias, "bias")):
             if isinstance(param, np.ndarray):
-                inputs.append(add_initializer(graph, names, f"{base}_ln_{suffix}", param))
-            else:
+                inputs.append(scope.constant(param, f"{base}_ln_{suffix}"))
+            elif param is not None:
                 inputs.append(param)
-        stash = ir.DataType.DOUBLE if plan.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
-        replaced = [*core.nodes, *plan.extra]
         ln = ir.node(
             "LayerNormalization",
             inputs,
-            attributes={"axis": plan.axis, "epsilon": float(core.eps), "stash_type": int(stash)},
-            name=names.fresh(f"{core.anchor.name or 'ReduceMean'}_LayerNormalization"),
+            attributes={"axis": site.axis, "epsilon": float(core.eps), "stash_type": int(_stash(site))},
+            name=scope.names.fresh(f"{core.anchor.name or 'ReduceMean'}_LayerNormalization"),
         )
-        set_module_path(ln, owner_path(replaced, core.anchor))
-        out = plan.output
-        assert out is not None
-        ln.outputs[0].dtype = plan.dtype
+        set_module_path(ln, owner_path(site.nodes, core.anchor))
+        out = site.output
+        ln.outputs[0].dtype = site.dtype
         ln.outputs[0].shape = out.shape
         producer = out.producer()
         assert producer is not None
-        graph.insert_after(producer, ln)  # every replaced node is an ancestor of ``out``
-        replace_output(names, out, ln.outputs[0], f"{base}_ln")
-        remove_dead(graph, reversed(replaced))
-        self.applied(
-            replaced,
-            f"LayerNormalization(axis={plan.axis}, epsilon={core.eps:g}, stash_type={int(stash)}, "
-            f"affine={_affine_name(plan)})",
+        scope.graph.insert_after(producer, ln)  # every replaced node is an ancestor of ``out``
+        replace_output(scope.names, out, ln.outputs[0], f"{base}_ln")
+        remove_dead(scope.graph, reversed(site.nodes))
+        return [ln]
+
+    def describe(self, site: LayerNormSite, created: list[ir.Node]) -> str:
+        affine = ("scale" if site.scale is not None else "none") + ("+bias" if site.bias is not None else "")
+        return (
+            f"LayerNormalization(axis={site.axis}, epsilon={site.core.eps:g}, stash_type={int(_stash(site))}, "
+            f"affine={affine})"
         )
-        return ln
 
 
-class _Plan:
-    """What to emit for one matched LayerNorm site."""
-
-    def __init__(self, core: NormCore, axis: int, dtype: ir.DataType, norm_shape: tuple[int | None, ...]) -> None:
-        self.core = core
-        self.axis = axis
-        self.dtype = dtype
-        self.norm_shape = norm_shape
-        self.scale: np.ndarray | ir.Value | None = None
-        self.bias: np.ndarray | ir.Value | None = None
-        self.extra: list[ir.Node] = []
-        self.output: ir.Value | None = None
+def _stash(site: LayerNormSite) -> ir.DataType:
+    return ir.DataType.DOUBLE if site.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
 
 
 def _affine_param(
@@ -218,12 +185,3 @@ def _affine_param(
     if len(tail) == k and tail == norm_shape and len(shape) == k:
         return param
     return None
-
-
-def _affine_name(plan: _Plan) -> str:
-    name = "scale" if plan.scale is not None else "none"
-    return name + ("+bias" if plan.bias is not None else "")
-
-
-def _ones(dims: tuple[int, ...], dtype: ir.DataType) -> np.ndarray:
-    return np.ones(dims, dtype=dtype.numpy())

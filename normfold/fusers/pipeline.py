@@ -1,12 +1,23 @@
 """The pass pipeline and :func:`optimize`: run the passes to a fixed point, verify, write.
 
-Order (:func:`default_passes`): the general clean-up first (:mod:`normfold.fusers.cleanup`: shape
-inference, constant folding including shape subgraphs, no-op/identity/duplicate/dead-node removal), then
-BN into the layer before it, affine chains, BN into the conv after it, then any other registered pass
-(LayerNorm/GroupNorm fusion), and the report-only standalone-BN rule. The list repeats until no pass
-changes anything (at most :data:`MAX_STEPS` rounds), with unused-node cleanup after every pass. The
-clean-up runs once before that loop (:data:`PRE_PASSES`); after it, once, the per-target norm lowering
-(:mod:`normfold.fusers.lowering`) and, if that changed anything, the clean-up again.
+Stages of :func:`run_pipeline`, composed with :class:`onnx_ir.passes.PassManager`:
+
+1. **prepare** (:func:`prepare_passes`, once): pin legacy provenance (it lives in node names) and make
+   names unique, then the general clean-up (``cleanup``, :mod:`normfold.fusers.cleanup`: shape
+   inference, constant folding including shape subgraphs, duplicate/identity/dead-node removal) when
+   it is among the selected passes.
+2. **rules** (the selected passes, :func:`default_passes` order, to a fixed point): a nested
+   ``PassManager(steps=MAX_STEPS, early_stop=True)``; each pass is timed and followed by unused-node
+   clean-up when it modified the model. BN into the layer before it,
+   affine chains, BN into the conv after it, then any other registered pass (LayerNorm/GroupNorm
+   fusion), and last the report-only standalone-BN rule.
+3. **lowering** (:func:`lowering_passes`, once, for ``ctx.target``): ``lower_norms``
+   (:mod:`normfold.fusers.lowering`) gives each norm the target's fastest exact form; when it changed
+   the model, the clean-up runs again. Once, not in the fixed point: the GroupNorm fusion would fuse a
+   lowered GroupNorm back.
+4. **finish** (:func:`finish_passes`, once): *hook* for post-rule clean-up passes, then a topological sort.
+
+An error in any pass becomes a :class:`FusionError` naming the pass and the passes that ran before it.
 
 Verification (on by default) compares the optimized model with the input on ORT CPU. When they differ
 beyond tolerance the failing rewrite is located by bisection over the applied sites (re-running the
@@ -30,6 +41,7 @@ from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, Topologica
 from normfold.errors import FusionError, OnnxLoadError, UsageError
 from normfold.exporter.provenance import stamp_module_paths
 from normfold.fusers import cleanup as _cleanup  # noqa: F401  (registers cleanup)
+from normfold.fusers._graph import declared_opset
 from normfold.fusers.base import PASS_REGISTRY, NormfoldPass, PassContext, RuleEvent, register_pass
 from normfold.fusers.lowering import DEFAULT_TARGET, check_target
 from normfold.fusers.report import (
@@ -39,12 +51,7 @@ from normfold.fusers.report import (
     op_histogram,
     summarize,
 )
-from normfold.fusers.verify import (
-    OrtRunError,
-    compare_outputs,
-    run_model,
-    seeded_feeds,
-)
+from normfold.fusers.verify import Verifier
 from normfold.io import load_onnx, save_onnx
 from normfold.numerics.tolerances import tolerance_for
 
@@ -70,10 +77,8 @@ class FoldConstants(NormfoldPass):
 
 _HEAD = ("fuse_bn_into_conv", "fuse_bn_into_gemm", "fold_affine", "fuse_bn_into_next_conv")
 _TAIL = ("standalone_bn",)
-#: Run once before the fixed-point loop (the fusions create nothing it would clean; it costs ~0.5 s per 1k nodes).
-PRE_PASSES = ("cleanup",)
-#: Run once after the fixed point (the GroupNorm fusion would fuse a lowered GroupNorm back), then cleanup.
-FINAL_PASSES = ("lower_norms",)
+PRE_PASSES = ("cleanup",)  # stage 1 (and again after a lowering that changed the model)
+FINAL_PASSES = ("lower_norms",)  # stage 3
 _OFF_BY_DEFAULT = ("fold_constants",)  # subsumed by cleanup; still selectable by name
 
 
@@ -85,15 +90,21 @@ def default_passes() -> list[str]:
 
 
 def resolve_passes(passes: Sequence[str] | str | None) -> list[str]:
-    """Validate pass names (a list or ``"a,b"``); unknown ones raise a UsageError listing valid ones."""
+    """Validate pass names (a list or ``"a,b"``); unknown ones raise a UsageError listing valid ones.
+
+    ``None`` means the default list; an explicitly empty selection (``""``, ``[]``, ``--passes ,,,``)
+    is an error, not "run every pass".
+    """
     if passes is None:
         return default_passes()
-    names = [p.strip() for p in passes.split(",")] if isinstance(passes, str) else [p.strip() for p in passes]
+    valid = ", ".join(sorted(PASS_REGISTRY))
+    names = [p.strip() for p in (passes.split(",") if isinstance(passes, str) else passes)]
     names = [n for n in names if n]
+    if not names:
+        raise UsageError(f"no pass names given (got {passes!r}); name at least one of: {valid}")
     unknown = [n for n in names if n not in PASS_REGISTRY]
-    if unknown or not names:
-        valid = ", ".join(sorted(PASS_REGISTRY))
-        raise UsageError(f"unknown pass name(s) {unknown or names!r}; valid names are: {valid}")
+    if unknown:
+        raise UsageError(f"unknown pass name(s) {unknown!r}; valid names are: {valid}")
     return names
 
 
@@ -106,55 +117,108 @@ class PipelineRun:
     pass_seconds: dict[str, float] = field(default_factory=dict)
 
 
+class _PinProvenance(ir.passes.InPlacePass):
+    """Write legacy provenance (``/layer1/conv1/Conv`` node names) into metadata before anything renames."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, stamp_module_paths(model) > 0)
+
+
+def prepare_passes(cleanup: Sequence[ir.passes.PassBase] = ()) -> list[ir.passes.PassBase]:
+    """Stage 1, run once before the rules: provenance, unique names, then the selected clean-up."""
+    return [_PinProvenance(), NameFixPass(), *cleanup]
+
+
+def lowering_passes(
+    lowering: Sequence[ir.passes.PassBase], cleanup: Sequence[ir.passes.PassBase]
+) -> list[ir.passes.PassBase]:
+    """Stage 3, run once after the rules' fixed point: the target's lowering, then the clean-up if it
+    changed the model (a lowered GroupNorm's ``Shape(x)`` folds to a constant when x is static)."""
+    return [_Then(list(lowering), list(cleanup))] if lowering else []
+
+
+class _Then(ir.passes.InPlacePass):
+    """Run ``first``; run ``then`` only when ``first`` modified the model."""
+
+    def __init__(self, first: list[ir.passes.PassBase], then: list[ir.passes.PassBase]) -> None:
+        super().__init__()
+        self.first, self.then = first, then
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for p in self.first:
+            modified |= p(model).modified
+        if modified:
+            for p in self.then:
+                p(model)
+        return ir.passes.PassResult(model, modified)
+
+
+def finish_passes() -> list[ir.passes.PassBase]:
+    """Stage 4, run last. Hook: post-rule clean-up passes go before the topological sort."""
+    return [TopologicalSortPass()]
+
+
+@dataclass
+class _History:
+    """Which rule pass is running and which ran before it (for the error), and each one's seconds."""
+
+    seconds: dict[str, float]
+    done: list[str] = field(default_factory=list)
+    running: str | None = None
+
+
+class _Timed(ir.passes.InPlacePass):
+    """A rule pass as one step of the fixed point: timed, recorded, followed by unused-node clean-up."""
+
+    def __init__(self, inner: NormfoldPass, history: _History) -> None:
+        super().__init__()
+        self.inner, self.history = inner, history
+        self.cleanup = RemoveUnusedNodesPass()
+
+    def __repr__(self) -> str:
+        return self.inner.name
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.history.running = self.inner.name
+        start = time.perf_counter()
+        result = self.inner(model)
+        if result.modified:
+            self.cleanup(model)
+        self.history.seconds[self.inner.name] += time.perf_counter() - start
+        self.history.done.append(self.inner.name)
+        self.history.running = None
+        return ir.passes.PassResult(model, result.modified)
+
+
 def run_pipeline(model: ir.Model, names: Sequence[str], ctx: PassContext) -> PipelineRun:
-    """Run ``names`` in order, repeatedly until nothing changes; ``model`` is rewritten in place."""
-    seconds = dict.fromkeys(names, 0.0)
-    stamp_module_paths(model)  # legacy provenance lives in node names: pin it before anything renames
-    NameFixPass()(model)
-    cleanup = RemoveUnusedNodesPass()
-    done: list[str] = []
-    for name in (n for n in names if n in PRE_PASSES):
-        _run_pass(model, name, ctx, done, seconds)
-    looped = [n for n in names if n not in FINAL_PASSES and n not in PRE_PASSES]
-    for _step in range(MAX_STEPS):
-        changed = False
-        for name in looped:
-            pass_ = PASS_REGISTRY[name](ctx)
-            start = time.perf_counter()
-            try:
-                result = pass_(model)
-            except Exception as e:  # a pass bug must name the pass and its history
-                raise FusionError(
-                    f"pass {name!r} failed after passes {done}: {type(e).__name__}: {e}; "
-                    f"re-run without it (--passes) and report the model"
-                ) from e
-            if result.modified:
-                cleanup(model)
-                changed = True
-            seconds[name] += time.perf_counter() - start
-            done.append(name)
-        if not changed:
-            break
-    final = [n for n in names if n in FINAL_PASSES]
-    if any([_run_pass(model, n, ctx, done, seconds) for n in final]):
-        for name in (n for n in names if n in PRE_PASSES):
-            _run_pass(model, name, ctx, done, seconds)
-    TopologicalSortPass()(model)
-    return PipelineRun(model, list(ctx.events), seconds)
+    """Run the stages (module docstring) with the passes ``names``; ``model`` is rewritten in place."""
+    history = _History(dict.fromkeys(names, 0.0))
 
+    def timed(stage: Sequence[str]) -> list[ir.passes.PassBase]:
+        return [_Timed(PASS_REGISTRY[name](ctx), history) for name in names if name in stage]
 
-def _run_pass(model: ir.Model, name: str, ctx: PassContext, done: list[str], seconds: dict[str, float]) -> bool:
-    """One pass outside the fixed-point loop; True when it changed the model."""
-    start = time.perf_counter()
+    looped = [name for name in names if name not in PRE_PASSES and name not in FINAL_PASSES]
+    manager = ir.passes.PassManager(
+        [
+            *prepare_passes(timed(PRE_PASSES)),
+            *([ir.passes.PassManager(timed(looped), steps=MAX_STEPS, early_stop=True)] if looped else []),
+            *lowering_passes(timed(FINAL_PASSES), timed(PRE_PASSES)),
+            *finish_passes(),
+        ]
+    )
     try:
-        modified = PASS_REGISTRY[name](ctx)(model).modified
+        manager(model)
     except Exception as e:  # a pass bug must name the pass and its history
-        raise FusionError(f"pass {name!r} failed after passes {done}: {type(e).__name__}: {e}") from e
-    if modified:
-        RemoveUnusedNodesPass()(model)
-    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-    done.append(name)
-    return modified
+        root: BaseException = e
+        while isinstance(root, ir.passes.PassError) and root.__cause__ is not None:
+            root = root.__cause__
+        where = history.running or "pipeline stage"
+        raise FusionError(
+            f"pass {where!r} failed after passes {history.done}: {type(root).__name__}: {root}; "
+            "re-run without it (--passes) and report the model"
+        ) from e
+    return PipelineRun(model, list(ctx.events), history.seconds)
 
 
 def _load(src: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
@@ -170,76 +234,96 @@ def _to_ir(proto: onnx.ModelProto, where: str) -> ir.Model:
         raise OnnxLoadError(f"'{where}' is not a valid ONNX model: {e}") from e
 
 
-def _opset(model: ir.Model) -> int | None:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-
-
 def _sites(event: RuleEvent) -> set[tuple[str, str]]:
     return {(event.rule, n) for n in event.nodes if n}
 
 
-def _attempt(
-    proto: onnx.ModelProto,
-    names: Sequence[str],
-    base: PassContext,
-    disabled: set[tuple[str, str]],
-    model: ir.Model | None = None,
-) -> PipelineRun:
-    """Run the pipeline on a fresh copy of ``proto`` (or on ``model``, already deserialized from it)."""
-    ctx = PassContext(
-        target_opset=base.target_opset,
-        allow_weight_copies=base.allow_weight_copies,
-        target=base.target,
-        disabled_sites=set(disabled),
-    )
-    return run_pipeline(model if model is not None else _to_ir(proto, "input"), names, ctx)
+@dataclass(frozen=True)
+class _Job:
+    """What every attempt of one :func:`optimize` call shares: the input, the passes, the options."""
 
+    proto: onnx.ModelProto
+    names: list[str]
+    base: PassContext
+    target: str = DEFAULT_TARGET  # the serving runtime, read by the lowering stage from ``ctx.target``
 
-class _Verifier:
-    def __init__(self, proto: onnx.ModelProto, atol: float, rtol: float, seed: int) -> None:
-        self.atol, self.rtol, self.seed = atol, rtol, seed
-        data = proto.SerializeToString()
-        try:
-            self.feeds = seeded_feeds(data, seed)
-            self.before = run_model(data, self.feeds)
-        except OrtRunError as e:
-            raise OnnxLoadError(
-                f"ONNX Runtime cannot run the input model, so it cannot be verified: {e}; "
-                "fix the model or pass verify=False (--no-verify)"
-            ) from e
-
-    def check(self, model: ir.Model) -> tuple[bool, list, str]:
-        try:
-            after = run_model(ir.serde.serialize_model(model).SerializeToString(), self.feeds)
-        except OrtRunError as e:
-            return False, [], f"ORT cannot run the optimized model: {e}"
-        metrics = compare_outputs(self.before, after, self.atol, self.rtol)
-        return all(m.passed for m in metrics), metrics, ""
+    def attempt(self, disabled: set[tuple[str, str]], model: ir.Model | None = None) -> PipelineRun:
+        """Run the pipeline on a fresh copy of the input (or on ``model``, already deserialized from it)."""
+        ctx = PassContext(
+            target_opset=self.base.target_opset,
+            allow_weight_copies=self.base.allow_weight_copies,
+            target=self.target,
+            disabled_sites=set(disabled),
+        )
+        fresh = model if model is not None else _to_ir(self.proto, "input")
+        return run_pipeline(fresh, self.names, ctx)
 
 
 def _bisect(
-    proto: onnx.ModelProto,
-    names: Sequence[str],
-    base: PassContext,
-    disabled: set[tuple[str, str]],
-    applied: list[RuleEvent],
-    verifier: _Verifier,
+    job: _Job, disabled: set[tuple[str, str]], applied: list[RuleEvent], verifier: Verifier
 ) -> RuleEvent | None:
     """The first applied event whose enabling makes verification fail (None: not attributable)."""
     lo, hi = 0, len(applied)  # invariant: prefix lo passes (lo=0 assumed), prefix hi fails
     off_all = set(disabled).union(*(_sites(e) for e in applied))
-    ok, _, _ = verifier.check(_attempt(proto, names, base, off_all).model)
-    if not ok:
+    if not verifier.check(job.attempt(off_all).model)[0]:
         return None
     while hi - lo > 1:
         mid = (lo + hi) // 2
         off = set(disabled).union(*(_sites(e) for e in applied[mid:]))
-        ok, _, _ = verifier.check(_attempt(proto, names, base, off).model)
-        if ok:
+        if verifier.check(job.attempt(off).model)[0]:
             lo = mid
         else:
             hi = mid
     return applied[hi - 1]
+
+
+def _culprit(job: _Job, run: PipelineRun, disabled: set[tuple[str, str]], verifier: Verifier, detail: str) -> RuleEvent:
+    """The rewrite that broke verification; a :class:`FusionError` when none can be singled out."""
+    applied = [e for e in run.events if e.status == "applied"]
+    culprit = _bisect(job, disabled, applied, verifier)
+    if culprit is None:
+        modifying = sorted({e.rule for e in applied}) or list(job.names)
+        raise FusionError(
+            f"verification failed ({detail}) and no single rewrite explains it; rules involved: "
+            f"{modifying}, nodes: {[n for e in applied for n in e.nodes][:10]}. Nothing was written; "
+            "re-run with --passes to exclude a rule, or --no-verify to inspect the output"
+        )
+    return culprit
+
+
+def _verified_run(
+    job: _Job, original: ir.Model, verifier: Verifier | None
+) -> tuple[PipelineRun, VerificationReport | None, list[RuleEvent]]:
+    """Run, verify, and on failure disable the culprit site and retry (at most :data:`MAX_DISABLED` times).
+
+    Returns the accepted run, its verification report and the ``skipped`` events of disabled sites.
+    """
+    disabled: set[tuple[str, str]] = set()
+    disabled_events: list[RuleEvent] = []
+    run = job.attempt(disabled, original)
+    if verifier is None:
+        return run, None, disabled_events
+    for attempt in range(1, MAX_DISABLED + 2):
+        if attempt > 1:
+            run = job.attempt(disabled)
+        ok, metrics, error = verifier.check(run.model)
+        verification = verifier.report(ok, metrics, attempt, list(disabled_events), error)
+        if ok:
+            break
+        detail = error or "; ".join(f"{m.name}: max abs {m.max_abs:.3g}" for m in metrics if not m.passed)
+        culprit = _culprit(job, run, disabled, verifier, detail)
+        if _sites(culprit) <= disabled or attempt > MAX_DISABLED:
+            raise FusionError(
+                f"rule {culprit.rule!r} at node(s) {list(culprit.nodes)} breaks numerics ({detail}) and "
+                "disabling it did not help. Nothing was written; exclude the rule with --passes"
+            )
+        logger.warning(
+            "rule %s at %s failed verification (%s); disabling it and retrying", culprit.rule, culprit.nodes, detail
+        )
+        disabled |= _sites(culprit)
+        reason = f"disabled: the rewrite failed verification ({detail})"
+        disabled_events.append(RuleEvent(culprit.rule, "skipped", culprit.nodes, reason))
+    return run, verification, disabled_events
 
 
 def optimize(
@@ -271,68 +355,16 @@ def optimize(
     ops_before, bytes_before, opset_before = (
         op_histogram(original),
         initializer_bytes(original),
-        _opset(original),
+        declared_opset(original),
     )
-    base = PassContext(target_opset=target_opset, allow_weight_copies=allow_weight_copies, target=target)
+    job = _Job(proto, names, PassContext(target_opset=target_opset, allow_weight_copies=allow_weight_copies), target)
     tol = tolerance_for("fp32", atol, rtol)  # the project's fp32 defaults unless overridden
-    verifier = _Verifier(proto, tol.atol, tol.rtol, seed) if verify else None
+    verifier = Verifier(proto, tol, seed) if verify else None
+    run, verification, disabled_events = _verified_run(job, original, verifier)
 
-    disabled: set[tuple[str, str]] = set()
-    disabled_events: list[RuleEvent] = []
-    verification: VerificationReport | None = None
-    for attempt in range(1, MAX_DISABLED + 2):
-        run = _attempt(proto, names, base, disabled, original if attempt == 1 else None)
-        if verifier is None:
-            break
-        ok, metrics, error = verifier.check(run.model)
-        verification = VerificationReport(
-            ok,
-            tol.atol,
-            tol.rtol,
-            seed,
-            {k: list(v.shape) for k, v in verifier.feeds.items()},
-            metrics,
-            attempt,
-            list(disabled_events),
-            error,
-        )
-        if ok:
-            break
-        applied = [e for e in run.events if e.status == "applied"]
-        culprit = _bisect(proto, names, base, disabled, applied, verifier)
-        detail = error or "; ".join(f"{m.name}: max abs {m.max_abs:.3g}" for m in metrics if not m.passed)
-        if culprit is None:
-            modifying = sorted({e.rule for e in applied}) or list(names)
-            raise FusionError(
-                f"verification failed ({detail}) and no single rewrite explains it; rules involved: "
-                f"{modifying}, nodes: {[n for e in applied for n in e.nodes][:10]}. Nothing was written; "
-                "re-run with --passes to exclude a rule, or --no-verify to inspect the output"
-            )
-        if _sites(culprit) <= disabled or attempt > MAX_DISABLED:
-            raise FusionError(
-                f"rule {culprit.rule!r} at node(s) {list(culprit.nodes)} breaks numerics ({detail}) and "
-                "disabling it did not help. Nothing was written; exclude the rule with --passes"
-            )
-        logger.warning(
-            "rule %s at %s failed verification (%s); disabling it and retrying",
-            culprit.rule,
-            culprit.nodes,
-            detail,
-        )
-        disabled |= _sites(culprit)
-        disabled_events.append(
-            RuleEvent(
-                culprit.rule,
-                "skipped",
-                culprit.nodes,
-                f"disabled: the rewrite failed verification ({detail})",
-            )
-        )
-
-    optimized = ir.serde.serialize_model(run.model)
     out_path: str | None = None
     if dst is not None:
-        save_onnx(optimized, Path(dst))
+        save_onnx(ir.serde.serialize_model(run.model), Path(dst))
         out_path = str(dst)
     events = [*run.events, *disabled_events]
     return OptimizeReport(
@@ -348,6 +380,6 @@ def optimize(
         pass_seconds=run.pass_seconds,
         total_seconds=time.perf_counter() - start,
         opset_before=opset_before,
-        opset_after=_opset(run.model),
+        opset_after=declared_opset(run.model),
         verification=verification,
     )

@@ -1,5 +1,9 @@
 """Run a model before and after the passes on ORT CPU with the same seeded inputs and compare.
 
+Each model state is opened once, through the project's ``ort-cpu`` backend
+(:func:`normfold.runtime.get_backend`), which takes the serialized model; the seeded inputs come from
+that same runner's input metadata.
+
 Inputs follow the model's declared shapes and dtypes; a symbolic dimension becomes 1. Graph
 optimizations are disabled so ORT's own Conv+BN fusion cannot hide (or cause) a difference. The check is
 the project's one element-wise rule, ``|after − before| ≤ atol + rtol·|before|`` with the fp32 defaults of
@@ -10,15 +14,19 @@ by far more.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 
-from normfold.errors import OnnxLoadError
+from normfold.errors import NormfoldError, OnnxLoadError
+from normfold.fusers.base import RuleEvent
+from normfold.fusers.report import VerificationReport
 from normfold.numerics.metrics import TensorMetrics, compare_tensors
 from normfold.numerics.tolerances import Tolerance
-from normfold.runtime.base import SessionOptions
-from normfold.runtime.onnxruntime import create_session, tensor_metas
+from normfold.runtime.base import Runner, SessionOptions
+from normfold.runtime.onnxruntime import OrtCpuBackend
+from normfold.runtime.registry import get_backend
 from normfold.runtime.run import random_feeds
 
 logger = logging.getLogger(__name__)
@@ -30,27 +38,28 @@ class OrtRunError(RuntimeError):
     """ONNX Runtime could not load or run a model; the message is ORT's."""
 
 
-def _session(model_bytes: bytes) -> Any:
+def open_model(model: bytes | onnx.ModelProto) -> Runner:
+    """One ORT CPU runner (graph optimizations off) for one model state."""
     try:
-        return create_session(model_bytes, ["CPUExecutionProvider"], _NO_FUSIONS)
-    except OnnxLoadError as e:
+        backend = get_backend("ort-cpu")
+        assert isinstance(backend, OrtCpuBackend)
+        return backend.load(model, _NO_FUSIONS)
+    except NormfoldError as e:
         raise OrtRunError(str(e)) from e
 
 
-def seeded_feeds(model_bytes: bytes, seed: int = 0) -> dict[str, np.ndarray]:
+def seeded_feeds(runner: Runner, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs of the model's real shapes/dtypes (symbolic dims → 1)."""
-    return random_feeds(tensor_metas(_session(model_bytes).get_inputs()), seed=seed, dynamic_dim=1)
+    return random_feeds(runner.inputs, seed=seed, dynamic_dim=1)
 
 
-def run_model(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """All graph outputs of ``model_bytes`` on ORT CPU."""
-    sess = _session(model_bytes)
-    names = [o.name for o in sess.get_outputs()]
+def run_model(runner: Runner, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All graph outputs of the runner's model."""
     try:
-        values = sess.run(names, feeds)
+        values = runner.infer(feeds)
     except Exception as e:  # ORT raises its own exception types for every run failure
         raise OrtRunError(str(e)) from e
-    return dict(zip(names, (np.asarray(v) for v in values), strict=True))
+    return {name: np.asarray(v) for name, v in values.items()}
 
 
 def compare_outputs(
@@ -60,3 +69,38 @@ def compare_outputs(
     tol = Tolerance(atol=atol, rtol=rtol)
     missing = np.full((0,), np.nan, dtype=np.float32)
     return [compare_tensors(name, after.get(name, missing), ref, tol) for name, ref in before.items()]
+
+
+class Verifier:
+    """The input model's seeded outputs, computed once (one session); :meth:`check` runs one candidate
+    model state against them in one more session."""
+
+    def __init__(self, proto: onnx.ModelProto, tol: Tolerance, seed: int) -> None:
+        self.tol, self.seed = tol, seed
+        try:
+            with open_model(proto) as runner:
+                self.feeds = seeded_feeds(runner, seed)
+                self.before = run_model(runner, self.feeds)
+        except OrtRunError as e:
+            raise OnnxLoadError(
+                f"ONNX Runtime cannot run the input model, so it cannot be verified: {e}; "
+                "fix the model or pass verify=False (--no-verify)"
+            ) from e
+
+    def check(self, model: ir.Model) -> tuple[bool, list[TensorMetrics], str]:
+        """``(passed, per-output metrics, ORT's error or "")`` for one state of the model."""
+        try:
+            with open_model(ir.serde.serialize_model(model)) as runner:
+                after = run_model(runner, self.feeds)
+        except OrtRunError as e:
+            return False, [], f"ORT cannot run the optimized model: {e}"
+        metrics = compare_outputs(self.before, after, self.tol.atol, self.tol.rtol)
+        return all(m.passed for m in metrics), metrics, ""
+
+    def report(
+        self, ok: bool, metrics: list[TensorMetrics], attempt: int, disabled: list[RuleEvent], error: str
+    ) -> VerificationReport:
+        inputs = {k: list(v.shape) for k, v in self.feeds.items()}
+        return VerificationReport(
+            ok, self.tol.atol, self.tol.rtol, self.seed, inputs, metrics, attempt, disabled, error
+        )

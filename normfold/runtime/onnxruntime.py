@@ -9,13 +9,16 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from normfold.errors import BackendUnavailableError, OnnxLoadError, UsageError
 from normfold.runtime.base import Backend, Runner, SessionOptions, TensorMeta
 from normfold.runtime.probe import capture_native_stderr, ort_provider_reason
+
+if TYPE_CHECKING:
+    from onnx import ModelProto
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +134,12 @@ class OrtBackend(Backend):
             )
 
     def load(self, onnx_path: str | Path, options: SessionOptions | None = None) -> OrtRunner:
+        return self._runner(Path(onnx_path), options)
+
+    def _runner(self, src: Path | bytes, options: SessionOptions | None) -> OrtRunner:
         opts = options or SessionOptions()
         self.ensure_available(opts.precision)
-        session = create_session(Path(onnx_path), [(self.provider, self.provider_options(opts))], opts)
+        session = create_session(src, [(self.provider, self.provider_options(opts))], opts)
         self.check_providers(session)
         return OrtRunner(session, self.name)
 
@@ -146,6 +152,13 @@ class OrtCpuBackend(OrtBackend):
     description = "ONNX Runtime, CPU execution provider"
     provider = "CPUExecutionProvider"
     precisions = ("fp32", "fp16", "bf16")
+
+    def load(self, onnx_path: str | Path | bytes | ModelProto, options: SessionOptions | None = None) -> OrtRunner:
+        """Also takes serialized model bytes or an in-memory ``onnx.ModelProto`` (no file round trip)."""
+        if isinstance(onnx_path, str | Path):
+            return super().load(onnx_path, options)
+        data = onnx_path if isinstance(onnx_path, bytes) else onnx_path.SerializeToString()
+        return self._runner(data, options)
 
 
 class OrtCudaBackend(OrtBackend):

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from normfold.exporter.provenance import module_path
-from normfold.fusers import OptimizeReport, PassContext, optimize
+from normfold.fusers import OptimizeReport, PassContext, RulePass, optimize
 from normfold.fusers.batchnorm import FuseBatchNormIntoConv
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -290,7 +290,7 @@ def test_fp16_fold_that_would_overflow_is_refused() -> None:
     )
     model = ir.serde.deserialize_model(proto)
     ctx = PassContext()
-    result = FuseBatchNormIntoConv(ctx)(model)
+    result = RulePass(FuseBatchNormIntoConv, ctx)(model)
     assert not result.modified
     assert [n.op_type for n in model.graph] == ["Conv", "BatchNormalization"]
     assert ctx.events[0].status == "skipped" and "non-finite" in ctx.events[0].reason
@@ -300,7 +300,7 @@ def test_fp16_fold_that_would_overflow_is_refused() -> None:
     proto = make_model(nodes, proto.graph.input, proto.graph.output, {"W": w, **p})
     model = ir.serde.deserialize_model(proto)
     ctx = PassContext()
-    assert not FuseBatchNormIntoConv(ctx)(model).modified
+    assert not RulePass(FuseBatchNormIntoConv, ctx)(model).modified
     assert "beyond the float16 maximum" in ctx.events[0].reason
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from normfold.exporter.provenance import module_path
 from normfold.fusers._opset import opset_raise_blocker
-from normfold.fusers.base import PassContext
+from normfold.fusers.base import PassContext, RulePass
 from normfold.fusers.groupnorm import GroupNormFusion
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -100,7 +100,7 @@ def test_groupnorm_fuses_to_gn21_when_target_opset_asks(case: str, dynamo: bool,
     model = _export(module, x, tmp_path / "m.onnx", dynamo, opset)
     ctx = PassContext(target_opset=21)
 
-    result = GroupNormFusion(ctx)(model)
+    result = RulePass(GroupNormFusion, ctx)(model)
 
     assert result.modified
     assert _ops(model) == ["GroupNormalization"]
@@ -124,7 +124,7 @@ def test_below_opset_21_without_target_is_left_alone(tmp_path: Path) -> None:
     before = ir.to_proto(model).SerializeToString()
     ctx = PassContext()
 
-    assert not GroupNormFusion(ctx)(model).modified
+    assert not RulePass(GroupNormFusion, ctx)(model).modified
 
     assert ir.to_proto(model).SerializeToString() == before
     assert [e.status for e in ctx.events] == ["skipped"]
@@ -150,7 +150,7 @@ def test_groupnorm_look_alikes_are_refused(kwargs: dict[str, object], reason: st
     before = ir.to_proto(model).SerializeToString()
     ctx = PassContext(target_opset=21)
 
-    assert not GroupNormFusion(ctx)(model).modified
+    assert not RulePass(GroupNormFusion, ctx)(model).modified
 
     assert ir.to_proto(model).SerializeToString() == before
     reasons = [e.reason for e in ctx.events if e.status == "skipped"]
@@ -194,7 +194,7 @@ def test_every_site_of_a_stack_fuses(tmp_path: Path) -> None:
     model = _export(module, x, tmp_path / "m.onnx", False, 17)
     ctx = PassContext(target_opset=21)
 
-    assert GroupNormFusion(ctx)(model).modified
+    assert RulePass(GroupNormFusion, ctx)(model).modified
 
     assert [e.status for e in ctx.events] == ["applied", "applied"]
     assert _ops(model).count("GroupNormalization") == 2
@@ -222,7 +222,7 @@ def test_dynamic_batch_legacy_export_fuses(case: str, tmp_path: Path) -> None:
         )
     model = ir.load(path)
 
-    assert GroupNormFusion(PassContext(target_opset=21))(model).modified
+    assert RulePass(GroupNormFusion, PassContext(target_opset=21))(model).modified
 
     assert _ops(model) == ["GroupNormalization"]
     x = torch.randn(3, 8, 5, 5)
@@ -243,7 +243,7 @@ def test_zoo_models_fuse_every_groupnorm(name: str, sites: int, tmp_path: Path) 
     model = ir.load(path)
     ctx = PassContext(target_opset=21)
 
-    assert GroupNormFusion(ctx)(model).modified
+    assert RulePass(GroupNormFusion, ctx)(model).modified
 
     assert [e.status for e in ctx.events] == ["applied"] * sites
     assert _ops(model).count("GroupNormalization") == sites

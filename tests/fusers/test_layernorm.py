@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from normfold.exporter.provenance import module_path
-from normfold.fusers.base import PassContext
+from normfold.fusers.base import DISABLED_REASON, PassContext, RulePass
 from normfold.fusers.layernorm import LayerNormFusion
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -128,7 +128,7 @@ def test_handwritten_layernorm_fuses(case: str, dynamo: bool, tmp_path: Path) ->
     model = _export(module, (x,), tmp_path / "m.onnx", dynamo, 18 if dynamo else 17)
     ctx = PassContext()
 
-    result = LayerNormFusion(ctx)(model)
+    result = RulePass(LayerNormFusion, ctx)(model)
 
     assert result.modified
     assert _ops(model) == ["LayerNormalization"]
@@ -170,7 +170,7 @@ def test_look_alikes_are_refused_with_reason(kind: str, tmp_path: Path) -> None:
     before = ir.to_proto(model).SerializeToString()
     ctx = PassContext()
 
-    result = LayerNormFusion(ctx)(model)
+    result = RulePass(LayerNormFusion, ctx)(model)
 
     assert not result.modified
     assert ir.to_proto(model).SerializeToString() == before
@@ -197,7 +197,7 @@ def test_affine_varying_over_batch_axis_stays_outside(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 8)
     model = _export(module, (x,), tmp_path / "m.onnx", dynamo=False, opset=17)
 
-    assert LayerNormFusion(PassContext())(model).modified
+    assert RulePass(LayerNormFusion, PassContext())(model).modified
 
     assert _ops(model) == ["LayerNormalization", "Mul"]
     with torch.no_grad():
@@ -213,7 +213,7 @@ def test_shared_intermediate_is_refused(tmp_path: Path) -> None:
     model = _export(Leaky(), (torch.randn(2, 8),), tmp_path / "m.onnx", dynamo=False, opset=17)
     ctx = PassContext()
 
-    assert not LayerNormFusion(ctx)(model).modified
+    assert not RulePass(LayerNormFusion, ctx)(model).modified
     assert "ReduceMean" in _ops(model)
     assert any("graph output" in e.reason for e in ctx.events)
 
@@ -245,7 +245,7 @@ def test_opset_below_17_is_skipped_without_target() -> None:
     model = _opset13_ln()
     ctx = PassContext()
 
-    assert not LayerNormFusion(ctx)(model).modified
+    assert not RulePass(LayerNormFusion, ctx)(model).modified
 
     assert model.opset_imports[""] == 13
     assert [e.reason for e in ctx.events] == [
@@ -259,7 +259,7 @@ def test_target_opset_raises_and_converts_remaining_reduce_axes() -> None:
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     expected = session.run(None, {"x": x})[0]
 
-    assert LayerNormFusion(PassContext(target_opset=18))(model).modified
+    assert RulePass(LayerNormFusion, PassContext(target_opset=18))(model).modified
 
     assert model.opset_imports[""] == 18
     assert model.ir_version >= 8
@@ -279,7 +279,7 @@ def test_zoo_transformer_block_at_opset_14_is_raised_to_17(tmp_path: Path) -> No
     model = _export(module, inputs, tmp_path / "m.onnx", dynamo=False, opset=14)
     ctx = PassContext(target_opset=17)
 
-    assert LayerNormFusion(ctx)(model).modified
+    assert RulePass(LayerNormFusion, ctx)(model).modified
 
     assert model.opset_imports[""] == 17
     assert _ops(model).count("LayerNormalization") == 2
@@ -294,9 +294,7 @@ def test_site_disabled_by_verification_is_skipped(tmp_path: Path) -> None:
     model = _export(Wrap(HandLN(1)), (torch.randn(2, 3, 8),), tmp_path / "m.onnx", dynamo=False, opset=17)
     ctx = PassContext(disabled_sites={("fuse_layernorm", "/norm/ReduceMean")})
 
-    assert not LayerNormFusion(ctx)(model).modified
+    assert not RulePass(LayerNormFusion, ctx)(model).modified
 
     assert "LayerNormalization" not in _ops(model)
-    assert [(e.status, e.nodes[0], e.reason) for e in ctx.events] == [
-        ("skipped", "/norm/ReduceMean", "disabled by verification at this site")
-    ]
+    assert [(e.status, e.nodes[0], e.reason) for e in ctx.events] == [("skipped", "/norm/ReduceMean", DISABLED_REASON)]

@@ -17,6 +17,7 @@ from torch import nn
 from normfold.errors import FusionError, OnnxLoadError, UsageError
 from normfold.fusers import PASS_REGISTRY, NormfoldPass, default_passes, optimize
 from normfold.fusers._graph import const_array, new_initializer
+from normfold.fusers.base import DISABLED_REASON
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ class _CorruptConvBias(NormfoldPass):
             if node.op_type != "Conv" or len(node.inputs) < 3 or node.metadata_props.get("corrupted"):
                 continue
             if self.honor_disabled and self.site_disabled(node.name or ""):
-                self.skipped([node], "disabled after failing verification")
+                self.skipped([node], DISABLED_REASON)
                 continue
             bias = const_array(node.inputs[2])
             assert bias is not None
