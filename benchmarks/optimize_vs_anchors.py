@@ -62,9 +62,9 @@ def tv(name: str) -> Callable[[int], Built]:
 
 def timm_model(name: str) -> Callable[[int], Built]:
     def build(size: int) -> Built:
+        _torchvision()  # before timm, which imports torchvision
         import timm
 
-        _torchvision()
         kwargs = {"img_size": size} if "vit" in name else {}
         return timm.create_model(name, pretrained=False, **kwargs), _image(size)
 
@@ -317,6 +317,7 @@ def main() -> None:
         print("\n".join(MODELS))
         return
     logging.basicConfig(level=logging.ERROR)
+    _torchvision()  # first: timm, transformers and diffusers import torchvision themselves
     chosen = [m.strip() for m in args.models.split(",") if m.strip()] or list(MODELS)
     header = (
         f"{'model':28} {'export':6} {'nodes raw/nf/sim/slim/oss':27} {'raw ms':>8} "
