@@ -159,11 +159,10 @@ def _lower_to_instance_norm(graph: ir.Graph, gn: ir.Node) -> None:
     groups = gn.attributes["num_groups"].as_int()
     eps_attr = gn.attributes.get("epsilon")
     eps = eps_attr.as_float() if eps_attr is not None else 1e-5
-    rank, channels, np_dtype = len(x.shape), int(x.shape[1]), x.dtype.numpy()
-    base = gn.name or "groupnorm"
-    bcast = (channels,) + (1,) * (rank - 2)
     gamma, beta = const_array(scale), const_array(bias)
-    assert gamma is not None and beta is not None
+    assert gamma is not None and beta is not None  # checked by _in_form_blocker
+    np_dtype, base = x.dtype.numpy(), gn.name or "groupnorm"
+    bcast = (gamma.size,) + (1,) * (len(x.shape) - 2)  # γ/β per channel, broadcast over (N, C, *S)
 
     grouped = ir.node("Reshape", [x, new_initializer(graph, np.array([0, groups, -1], np.int64), f"{base}_groups")])
     norm = ir.node(
