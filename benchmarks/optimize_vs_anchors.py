@@ -11,6 +11,8 @@ Prints per model: node counts, the raw median, ``normfold / raw``, ``normfold / 
 fastest of onnxsim/onnxslim/onnxscript) and the noise. ``--per-layer`` also runs
 ``normfold.compare(..., per_layer=True)`` on the normfold output (fp32 defaults) and prints the verdict.
 
+Weights are random and then perturbed (:func:`trained_like`) so that no bias is exactly zero: fresh
+HF/timm inits zero every Linear bias, and removing ``Add(x, 0)`` is a win only a fresh init offers.
 Needs the ``bench`` extra (``pip install -e '.[bench]' -c constraints-dev.txt``). Random weights only:
 nothing is downloaded. Run: ``python benchmarks/optimize_vs_anchors.py [--models a,b] [--rounds 30]
 [--size 224] [--per-layer]``; ``--list`` prints the model names.
@@ -203,12 +205,25 @@ def _quiet() -> contextlib.ExitStack:
     return stack
 
 
+@torch.no_grad()
+def trained_like(module: nn.Module) -> None:
+    """Perturb every parameter (×(1 ± 5%) + N(0, 0.01)): fresh HF/timm inits have exactly-zero biases and
+    unit norm weights, which onnxsim deletes as ``Add(x, 0)`` — a win no trained model offers."""
+    gen = torch.Generator().manual_seed(1)
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.mul_(1 + 0.05 * (2 * torch.rand(p.shape, generator=gen) - 1)).add_(
+                0.01 * torch.randn(p.shape, generator=gen)
+            )
+
+
 def export_model(name: str, size: int, path: Path) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
     from normfold.exporter import export
 
     torch.manual_seed(0)
     module, inputs = MODELS[name](size)
     module.eval()
+    trained_like(module)
     with _quiet():
         try:
             export(module, inputs, path, opset=21)
