@@ -2,8 +2,8 @@
 
 Each block is ``Conv(1x1) → BatchNormalization → Relu`` on a tiny tensor, so the time measured is the
 passes' own graph work, not tensor math. Prints wall and CPU time of ``optimize(verify=False)`` (CPU time
-is the robust figure on a shared machine), CPU ms per 1000 nodes, the wall time with verification (two
-ORT sessions and runs on top), and the slowest passes.
+is the robust figure on a shared machine), CPU ms per 1000 nodes, the wall time with verification (one
+ORT session for the input and one for the result on top), and the slowest passes.
 Run: ``python benchmarks/optimize_scaling.py [--sizes 1000,2000,5000,10000] [--repeat 3]``.
 """
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from normfold.cli._app import command, csv, emit_json, out
+from normfold.cli._app import command, emit_json, out
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -90,7 +90,7 @@ def optimize_cmd(
     report = optimize(
         onnx_path,
         output,
-        passes=csv(passes) or None,
+        passes=passes,  # the raw "a,b" text: resolve_passes rejects a blank list such as ",,,"
         verify=not no_verify,
         target=target,
         target_opset=target_opset,

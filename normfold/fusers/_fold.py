@@ -12,6 +12,7 @@ since the unfolded graph does not overflow); ``rewrite`` builds the same arrays 
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -30,6 +31,20 @@ class FoldSite(Site):
     layer: ir.Node
     weight: ir.Value | None
     bias: ir.Value | None
+
+    @functools.cached_property
+    def weight_array(self) -> np.ndarray | None:
+        """The weight's constant value, read once per site (``check`` and ``rewrite`` both need it)."""
+        return g.const_array(self.weight)
+
+    @functools.cached_property
+    def bias_array(self) -> np.ndarray | None:
+        return g.const_array(self.bias)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The layer's constant weight and optional bias (only for a site whose weights were validated)."""
+        assert self.weight_array is not None, "validate() accepts constant weights only"
+        return self.weight_array, self.bias_array
 
 
 F = TypeVar("F", bound=FoldSite)
@@ -58,9 +73,7 @@ class FoldRule(Rule[F]):
 
     def folded(self, site: F) -> tuple[np.ndarray, np.ndarray] | str:
         """:meth:`fold` cast to the weight's and bias's dtypes, or why a value would overflow."""
-        w = g.const_array(site.weight)
-        b = g.const_array(site.bias)
-        assert w is not None, "validate() accepts constant weights only"
+        w, b = site.arrays()
         w64, b64 = self.fold(site)
         try:
             return (
@@ -83,9 +96,9 @@ class FoldRule(Rule[F]):
 def weight_reason(site: FoldSite, allow_copies: bool) -> str | None:
     """Why the layer's weight/bias cannot be folded into: not constants, or shared without permission."""
     layer, weight, bias = site.layer, site.weight, site.bias
-    if g.const_array(weight) is None or weight is None:
+    if site.weight_array is None or weight is None:
         return g.nonconst_reason(weight, f"{layer.op_type} weight")
-    if bias is not None and g.const_array(bias) is None:
+    if bias is not None and site.bias_array is None:
         return g.nonconst_reason(bias, f"{layer.op_type} bias")
     return g.shared_weight_reason(weight, layer, allow_copies)
 

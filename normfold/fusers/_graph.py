@@ -97,19 +97,6 @@ def shared_weight_reason(weight: ir.Value, owner: ir.Node, allow_copies: bool) -
     )
 
 
-def new_initializer(graph: ir.Graph, array: np.ndarray, base: str | None) -> ir.Value:
-    """Register ``array`` as a fresh initializer with a unique name derived from ``base``."""
-    stem = f"{base or 'folded'}_nf"
-    index = 0
-    while f"{stem}{index}" in graph.initializers:
-        index += 1
-    name = f"{stem}{index}"
-    tensor = ir.Tensor(np.ascontiguousarray(array), name=name)  # ir.tensor()'s protocol checks cost ~2 ms
-    value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=tensor.shape)
-    graph.register_initializer(value)
-    return value
-
-
 def stamp(node: ir.Node, source: ir.Node, path: str | None = None) -> ir.Node:
     """Copy the exporter metadata of ``source`` onto ``node`` and record its module path."""
     for key, val in source.metadata_props.items():

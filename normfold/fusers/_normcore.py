@@ -1,7 +1,6 @@
-"""Shared matching for the LayerNorm and GroupNorm fusers: the normalization core and graph facts.
+"""The matcher both norm fusers share: the core ``(x - mean(x)) / sqrt(var(x) + eps)`` over some axes.
 
-Both hand-written norms share one core, ``(x - mean(x)) / sqrt(var(x) + eps)`` over some axes, which
-exporters spell in several ways:
+Hand-written LayerNorm and GroupNorm share this core, which exporters spell in several ways:
 
 * ``mean``: ``ReduceMean(x, axes, keepdims=1)`` (axes an attribute below opset 18, an input from 18);
 * the square: ``Pow(d, 2)`` or ``Mul(d, d)``; the variance may reuse ``d`` or recompute its own mean

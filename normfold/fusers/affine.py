@@ -101,16 +101,14 @@ class FoldAffineIntoPreceding(FoldRule[AffineSite]):
 
     def validate(self, site: AffineSite) -> str | None:
         layer, bias = site.layer, site.bias
-        if bias is not None and g.const_array(bias) is None:
+        if bias is not None and site.bias_array is None:
             return g.nonconst_reason(bias, f"{layer.op_type} bias")
         assert site.weight is not None
         return g.shared_weight_reason(site.weight, layer, self.ctx.allow_weight_copies)
 
     def fold(self, site: AffineSite) -> tuple[np.ndarray, np.ndarray]:
         layer, a = site.layer, site.a
-        w = g.const_array(site.weight)
-        b = g.const_array(site.bias)
-        assert w is not None
+        w, b = site.arrays()
         if layer.op_type == "ConvTranspose":
             w64 = _math.scale_conv_transpose(w, a, g.attr_int(layer, "group", 1))
         else:

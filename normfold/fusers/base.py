@@ -213,7 +213,7 @@ class Rule(abc.ABC, Generic[S]):
         return ""
 
 
-class RulePass(NormfoldPass):
+class RulePass(NormfoldPass, Generic[S]):
     """Runs one :class:`Rule` over every graph of the model (module docstring); ``modified`` is exact."""
 
     def __init__(self, rule: type[Rule[S]], ctx: PassContext | None = None) -> None:
@@ -223,9 +223,11 @@ class RulePass(NormfoldPass):
         self._emitted = False  # set by each run, read by ensures()
 
     def requires(self, model: ir.Model) -> None:
-        if self.rule.opset is not None and g.declared_opset(model) is None:
+        unversioned = self.rule.opset is not None and g.declared_opset(model) is None
+        if unversioned and any(n.domain in ("", "ai.onnx") for n in model.graph):
             raise ir.passes.PreconditionError(
-                f"rule {self.name!r} emits {self.rule.opset[1]} but the model imports no default-domain opset"
+                f"rule {self.name!r} emits new default-domain ops, but the model uses default-domain ops "
+                "without importing the default-domain opset"
             )
         super().requires(model)
 
@@ -246,41 +248,44 @@ class RulePass(NormfoldPass):
         for function in model.functions.values():
             for graph in (function.graph, *function.graph.subgraphs()):
                 scopes.append(Scope(model, graph, facts, in_function=True))
-        created: list[ir.Node] = []
+        rewrites, created = 0, list[ir.Node]()
         for scope in scopes:
-            created += self._visit(scope, blocked)
-        if created and raise_to is not None:
+            count, nodes = self._visit(scope, blocked)
+            rewrites += count
+            created.extend(nodes)
+        if rewrites and raise_to is not None:
             raise_opset(model, raise_to, exclude=created)
-        self._emitted = bool(created)
+        self._emitted = rewrites > 0
         return self._emitted
 
-    def _visit(self, scope: Scope, blocked: str | None) -> list[ir.Node]:
-        rule = self.rule
-        graph = scope.graph
+    def _visit(self, scope: Scope, blocked: str | None) -> tuple[int, list[ir.Node]]:
+        """Rewrite every accepted site of one graph; returns how many, and the nodes they created."""
+        rule, graph = self.rule, scope.graph
         anchors = [n for n in graph if n.op_type in rule.anchors and n.domain in ("", "ai.onnx")]
         if anchors and rule.prime_facts:
             scope.facts.prime()
-        created: list[ir.Node] = []
+        rewrites, created = 0, list[ir.Node]()
         for node in anchors:
             if node.graph is not graph:
                 continue  # removed by an earlier rewrite of this run
             found = rule.match(scope.facts, node)
             if found is None:
                 continue
-            reject = found if isinstance(found, Reject) else None
-            if reject is None and isinstance(found, Site):
-                if self.site_disabled(found.anchor.name or ""):
-                    reject = Reject(found.nodes, DISABLED_REASON)
-                else:
-                    reject = rule.check(found) or (Reject(found.nodes, blocked) if blocked else None)
-            if reject is not None:
-                self.skipped(reject.nodes, reject.reason)
-                continue
-            assert isinstance(found, Site)
-            new = rule.rewrite(scope, found)
-            self.applied(found.nodes, rule.describe(found, new))
-            created += new
-        return created
+            verdict = found if isinstance(found, Reject) else self._verdict(found, blocked)
+            if verdict is not None:
+                self.skipped(verdict.nodes, verdict.reason)
+            elif not isinstance(found, Reject):
+                new = rule.rewrite(scope, found)
+                self.applied(found.nodes, rule.describe(found, new))
+                rewrites += 1
+                created.extend(new)
+        return rewrites, created
+
+    def _verdict(self, site: S, blocked: str | None) -> Reject | None:
+        """Disabled by verification, refused by the rule's check, or blocked by the opset — in that order."""
+        if self.site_disabled(site.anchor.name or ""):
+            return Reject(site.nodes, DISABLED_REASON)
+        return self.rule.check(site) or (Reject(site.nodes, blocked) if blocked else None)
 
 
 PassFactory = Callable[[PassContext], NormfoldPass]

@@ -21,6 +21,7 @@ every skipped candidate.
 from __future__ import annotations
 
 import abc
+import functools
 import itertools
 import logging
 from dataclasses import dataclass
@@ -66,25 +67,21 @@ def bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
     return _math.bn_scale_shift(gamma, beta, mean, var, eps)
 
 
-def _scale_shift(bn: ir.Node) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`bn_affine` of a BN that ``check`` accepted."""
-    affine = bn_affine(bn)
-    assert not isinstance(affine, str), affine
-    return affine
-
-
-def _weights(site: FoldSite) -> tuple[np.ndarray, np.ndarray | None]:
-    """The layer's constant weight and bias (``validate`` accepted both)."""
-    w = g.const_array(site.weight)
-    assert w is not None
-    return w, g.const_array(site.bias)
-
-
 @dataclass(frozen=True, eq=False)
 class BnSite(FoldSite):
     """A BatchNormalization next to a layer: ``bn`` is folded into ``layer``."""
 
     bn: ir.Node
+
+    @functools.cached_property
+    def affine(self) -> tuple[np.ndarray, np.ndarray] | str:
+        """:func:`bn_affine` of the BN, computed once per site."""
+        return bn_affine(self.bn)
+
+    def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(s, t)`` of a BN that ``check`` accepted."""
+        assert not isinstance(self.affine, str), self.affine
+        return self.affine
 
 
 B = TypeVar("B", bound=BnSite)
@@ -96,7 +93,7 @@ class _BatchNormFold(FoldRule[B]):
     anchors = ("BatchNormalization",)
 
     def validate(self, site: B) -> str | None:
-        affine = bn_affine(site.bn)
+        affine = site.affine
         return affine if isinstance(affine, str) else self.validate_layer(site, affine[0].size)
 
     @abc.abstractmethod
@@ -139,7 +136,7 @@ class FuseBatchNormIntoConv(_BatchNormFold[BnSite]):
         reason = weight_reason(site, self.ctx.allow_weight_copies)
         if reason is not None:
             return reason
-        w, _ = _weights(site)
+        w, _ = site.arrays()
         group = g.attr_int(conv, "group", 1)
         cout = w.shape[0] if conv.op_type == "Conv" else w.shape[1] * group
         if cout != channels or (conv.op_type == "ConvTranspose" and w.shape[0] % group):
@@ -147,8 +144,8 @@ class FuseBatchNormIntoConv(_BatchNormFold[BnSite]):
         return None
 
     def fold(self, site: BnSite) -> tuple[np.ndarray, np.ndarray]:
-        s, t = _scale_shift(site.bn)
-        w, b = _weights(site)
+        s, t = site.scale_shift()
+        w, b = site.arrays()
         if site.layer.op_type == "Conv":
             w64 = _math.scale_output_channels(w, s, 0)
         else:
@@ -238,7 +235,7 @@ class FuseBatchNormIntoGemm(_BatchNormFold[GemmSite]):
         reason = _feature_axis_reason(site) or weight_reason(site, self.ctx.allow_weight_copies)
         if reason is not None:
             return reason
-        w, b = _weights(site)
+        w, b = site.arrays()
         layer = site.layer
         if w.ndim != 2:
             return f"{layer.op_type} weight has rank {w.ndim}, expected 2"
@@ -249,8 +246,8 @@ class FuseBatchNormIntoGemm(_BatchNormFold[GemmSite]):
         return None
 
     def fold(self, site: GemmSite) -> tuple[np.ndarray, np.ndarray]:
-        s, t = _scale_shift(site.bn)
-        w, b = _weights(site)
+        s, t = site.scale_shift()
+        w, b = site.arrays()
         beta = g.attr_float(site.layer, "beta", 1.0) if site.layer.op_type == "Gemm" else 1.0
         w64 = _math.scale_output_channels(w, s, _gemm_axis(site.layer))
         return w64, _math.fold_bias(None if b is None else beta * np.asarray(b, dtype=np.float64), s, t)
@@ -357,15 +354,15 @@ class FuseBatchNormIntoNextConv(_BatchNormFold[BnSite]):
         reason = weight_reason(site, self.ctx.allow_weight_copies)
         if reason is not None:
             return reason
-        w, _ = _weights(site)
+        w, _ = site.arrays()
         group = g.attr_int(conv, "group", 1)
         if w.shape[1] * group != channels or w.shape[0] % group:
             return f"BN has {channels} channels but the Conv reads {w.shape[1] * group}"
         return None
 
     def fold(self, site: BnSite) -> tuple[np.ndarray, np.ndarray]:
-        s, t = _scale_shift(site.bn)
-        w, b = _weights(site)
+        s, t = site.scale_shift()
+        w, b = site.arrays()
         return _math.fold_into_next_conv(w, b, s, t, g.attr_int(site.layer, "group", 1))
 
     def rewrite(self, scope: Scope, site: BnSite) -> list[ir.Node]:

@@ -38,7 +38,14 @@ import onnx_ir as ir
 
 from normfold.exporter.provenance import set_module_path
 from normfold.fusers._facts import GraphFacts
-from normfold.fusers._graph import other_operand, owner_path, remove_dead, replace_output, single_consumer
+from normfold.fusers._graph import (
+    other_operand,
+    owner_path,
+    per_channel,
+    remove_dead,
+    replace_output,
+    single_consumer,
+)
 from normfold.fusers._normcore import NormCore, match_core
 from normfold.fusers.base import Reject, Rule, Scope, Site, register_rule
 
@@ -289,11 +296,6 @@ def _restores_shape(facts: GraphFacts, back: ir.Node, x: ir.Value) -> str | None
 
 
 def _per_channel(facts: GraphFacts, value: ir.Value | None, rank: int, channels: int) -> np.ndarray | None:
-    """The constant as a float64 (C,) vector when it broadcasts over the channel axis only."""
+    """The constant as a float64 (C,) vector when it broadcasts over the channel axis (1) only."""
     array = facts.const(value)
-    if array is None or array.ndim > rank:
-        return None
-    padded = array.reshape((1,) * (rank - array.ndim) + array.shape)
-    if padded.shape[0] != 1 or padded.shape[1] not in (1, channels) or any(d != 1 for d in padded.shape[2:]):
-        return None
-    return np.broadcast_to(padded.reshape(-1).astype(np.float64), (channels,)).copy()
+    return None if array is None else per_channel(array, rank, 1, channels)

@@ -34,8 +34,9 @@ import numpy as np
 import onnx_ir as ir
 
 from normfold.errors import UsageError
-from normfold.fusers._graph import const_array, new_initializer, stamp, swap
-from normfold.fusers.base import NormfoldPass, register_pass
+from normfold.fusers._facts import GraphFacts
+from normfold.fusers._graph import const_array, stamp, swap
+from normfold.fusers.base import NormfoldPass, Scope, register_pass
 
 logger = logging.getLogger(__name__)
 
@@ -105,18 +106,18 @@ class LowerNorms(NormfoldPass):
 
     def run(self, model: ir.Model) -> bool:
         forms = FORMS[check_target(self.ctx.target)]
-        graph = model.graph
+        scope = Scope(model, model.graph, GraphFacts(model), in_function=False)
         changed = False
-        for node in list(graph):
+        for node in list(model.graph):
             if node.domain not in ("", "ai.onnx"):
                 continue
             if node.op_type == "GroupNormalization":
-                changed |= self._groupnorm(graph, node, forms)
+                changed |= self._groupnorm(scope, node, forms)
             elif node.op_type in _KEPT_NORMS:
                 self.skipped([node], f"kept as {node.op_type} on {self.ctx.target}: {forms.why_kept}")
         return changed
 
-    def _groupnorm(self, graph: ir.Graph, node: ir.Node, forms: NormForms) -> bool:
+    def _groupnorm(self, scope: Scope, node: ir.Node, forms: NormForms) -> bool:
         if forms.groupnorm != IN_FORM:
             self.skipped([node], f"kept as {forms.groupnorm} on {self.ctx.target}: {forms.why_groupnorm}")
             return False
@@ -127,7 +128,7 @@ class LowerNorms(NormfoldPass):
         if reason is not None:
             self.skipped([node], f"kept as GroupNormalization-21 on {self.ctx.target}: {reason}")
             return False
-        _lower_to_instance_norm(graph, node)
+        _lower_to_instance_norm(scope, node)
         self.applied([node], f"GroupNormalization-21 → {IN_FORM} on {self.ctx.target}: {forms.why_groupnorm}")
         return True
 
@@ -153,7 +154,7 @@ def _in_form_blocker(node: ir.Node) -> str | None:
     return None
 
 
-def _lower_to_instance_norm(graph: ir.Graph, gn: ir.Node) -> None:
+def _lower_to_instance_norm(scope: Scope, gn: ir.Node) -> None:
     x, scale, bias = gn.inputs[0], gn.inputs[1], gn.inputs[2]
     assert x is not None and x.shape is not None and x.dtype is not None
     groups = gn.attributes["num_groups"].as_int()
@@ -164,13 +165,13 @@ def _lower_to_instance_norm(graph: ir.Graph, gn: ir.Node) -> None:
     np_dtype, base = x.dtype.numpy(), gn.name or "groupnorm"
     bcast = (gamma.size,) + (1,) * (len(x.shape) - 2)  # γ/β per channel, broadcast over (N, C, *S)
 
-    grouped = ir.node("Reshape", [x, new_initializer(graph, np.array([0, groups, -1], np.int64), f"{base}_groups")])
+    grouped = ir.node("Reshape", [x, scope.constant(np.array([0, groups, -1], np.int64), f"{base}_groups")])
     norm = ir.node(
         "InstanceNormalization",
         [
             grouped.outputs[0],
-            new_initializer(graph, np.ones(groups, np_dtype), f"{base}_in_scale"),
-            new_initializer(graph, np.zeros(groups, np_dtype), f"{base}_in_bias"),
+            scope.constant(np.ones(groups, np_dtype), f"{base}_in_scale"),
+            scope.constant(np.zeros(groups, np_dtype), f"{base}_in_bias"),
         ],
         attributes={"epsilon": float(eps)},
     )
@@ -179,11 +180,11 @@ def _lower_to_instance_norm(graph: ir.Graph, gn: ir.Node) -> None:
     nodes = [grouped, norm, shape, back]
     out = back.outputs[0]
     if not np.all(gamma == 1):
-        mul = ir.node("Mul", [out, new_initializer(graph, gamma.reshape(bcast).astype(np_dtype), f"{base}_gamma")])
+        mul = ir.node("Mul", [out, scope.constant(gamma.reshape(bcast).astype(np_dtype), f"{base}_gamma")])
         nodes.append(mul)
         out = mul.outputs[0]
     if not np.all(beta == 0):
-        add = ir.node("Add", [out, new_initializer(graph, beta.reshape(bcast).astype(np_dtype), f"{base}_beta")])
+        add = ir.node("Add", [out, scope.constant(beta.reshape(bcast).astype(np_dtype), f"{base}_beta")])
         nodes.append(add)
         out = add.outputs[0]
     for i, new in enumerate(nodes):
@@ -192,4 +193,4 @@ def _lower_to_instance_norm(graph: ir.Graph, gn: ir.Node) -> None:
     grouped.outputs[0].dtype = norm.outputs[0].dtype = back.outputs[0].dtype = x.dtype
     shape.outputs[0].dtype = ir.DataType.INT64
     out.dtype = x.dtype
-    swap(graph, [gn], nodes, gn.outputs[0], out)
+    swap(scope.graph, [gn], nodes, gn.outputs[0], out)

@@ -213,9 +213,9 @@ def run_pipeline(model: ir.Model, names: Sequence[str], ctx: PassContext) -> Pip
         root: BaseException = e
         while isinstance(root, ir.passes.PassError) and root.__cause__ is not None:
             root = root.__cause__
-        where = history.running or "pipeline stage"
+        where = f"pass {history.running!r}" if history.running else f"a pipeline stage ({e})"
         raise FusionError(
-            f"pass {where!r} failed after passes {history.done}: {type(root).__name__}: {root}; "
+            f"{where} failed after passes {history.done}: {type(root).__name__}: {root}; "
             "re-run without it (--passes) and report the model"
         ) from e
     return PipelineRun(model, list(ctx.events), history.seconds)

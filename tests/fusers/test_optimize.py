@@ -16,7 +16,7 @@ from torch import nn
 
 from normfold.errors import FusionError, OnnxLoadError, UsageError
 from normfold.fusers import PASS_REGISTRY, NormfoldPass, default_passes, optimize
-from normfold.fusers._graph import const_array, new_initializer
+from normfold.fusers._graph import const_array
 from normfold.fusers.base import DISABLED_REASON
 
 
@@ -92,7 +92,9 @@ class _CorruptConvBias(NormfoldPass):
                 continue
             bias = const_array(node.inputs[2])
             assert bias is not None
-            node.replace_input_with(2, new_initializer(model.graph, bias + 1, "corrupt"))
+            corrupt = ir.Value(name=f"{node.name}_corrupt", const_value=ir.tensor(bias + 1))
+            model.graph.register_initializer(corrupt)
+            node.replace_input_with(2, corrupt)
             node.metadata_props["corrupted"] = "1"
             self.applied([node], "corrupted the bias")
             changed = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,9 +11,22 @@ import onnx_ir as ir
 import pytest
 from fold_helpers import ATOL, RTOL, bn_arrays, run_ort, vi
 from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
 
-from normfold.errors import UsageError
-from normfold.fusers import PASS_REGISTRY, PassContext, Rule, RulePass, Scope, Site, optimize, register_rule
+from normfold.cli import app
+from normfold.errors import FusionError, UsageError
+from normfold.fusers import (
+    PASS_REGISTRY,
+    NormfoldPass,
+    PassContext,
+    Rule,
+    RulePass,
+    Scope,
+    Site,
+    optimize,
+    register_pass,
+    register_rule,
+)
 from normfold.fusers._facts import GraphFacts
 from normfold.fusers.base import DISABLED_REASON
 from normfold.fusers.batchnorm import FuseBatchNormIntoConv
@@ -175,3 +189,38 @@ def test_disabled_site_is_skipped_with_the_one_reason(drop_relu_rule: str) -> No
 def test_an_empty_pass_list_is_an_error_not_every_pass(passes: str | list[str]) -> None:
     with pytest.raises(UsageError, match=r"no pass names given \(got .*\); name at least one of: .*fold_affine"):
         optimize(_relu_clip(), passes=passes, verify=False)
+
+
+def test_cli_blank_passes_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    src, dst = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_relu_clip(), str(src))
+    res = CliRunner().invoke(app, ["optimize", str(src), "-o", str(dst), "--passes", ",,,"])
+    assert res.exit_code == 2 and "error: no pass names given (got ',,,')" in res.output
+    assert "Traceback" not in res.output and not dst.exists()
+
+
+class _Boom(NormfoldPass):
+    """Test-only pass with a bug."""
+
+    name = "_test_boom"
+
+    def run(self, model: ir.Model) -> bool:
+        raise RuntimeError("boom")
+
+
+def test_a_failing_pass_is_named_with_the_passes_before_it() -> None:
+    register_pass(_Boom)
+    try:
+        with pytest.raises(FusionError, match=r"pass '_test_boom' failed after passes \['fold_constants'\]: "):
+            optimize(_relu_clip(), passes=["fold_constants", _Boom.name], verify=False)
+    finally:
+        PASS_REGISTRY.pop(_Boom.name)
+
+
+def test_a_rule_pass_states_its_precondition() -> None:
+    """A rule that emits default-domain ops refuses a model that uses them without importing the opset."""
+    proto = _relu_clip()
+    del proto.opset_import[:]
+    proto.opset_import.append(helper.make_opsetid("local", 1))
+    with pytest.raises(FusionError, match="PreconditionError: rule 'fuse_layernorm' emits new default-domain ops"):
+        optimize(proto, passes=["fuse_layernorm"], verify=False)
