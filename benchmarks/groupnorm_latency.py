@@ -1,17 +1,17 @@
-"""ORT CPU latency of a UNet ResBlock stack: legacy export at opset 17 vs GroupNormalization-21.
+"""ORT CPU latency of GroupNorm forms, and of a UNet ResBlock stack before and after ``optimize --target``.
 
-The legacy TorchScript exporter writes every GroupNorm as Reshape → InstanceNormalization → Reshape →
-Mul → Add; :class:`normfold.fusers.groupnorm.GroupNormFusion` with ``target_opset=21`` turns each into
-one GroupNormalization-21. Both models run in this one process, alternately, with the same input; the
-script prints the medians and the ratio (goal: the fused model ≥ 1.3× faster).
+Two measurements, every session ORT CPU with default graph optimizations, timed interleaved in one process:
 
-Run: ``python benchmarks/groupnorm_latency.py [--blocks 4] [--size 16] [--threads 1] [--iters 30]``
+* ``--forms``: one GroupNorm at 1×128×64×64, G=32, in the three exact forms — GroupNormalization-21
+  (ORT's CPU EP has no kernel and expands it), the InstanceNormalization form
+  (Reshape → InstanceNormalization → Reshape → Mul → Add) and the decomposed ReduceMean form. This is the
+  measurement behind ``normfold.fusers.lowering``'s choice for ort-cpu.
+* default: ``--blocks`` copies of the zoo's ``unet_resblock`` (2 GroupNorms each), exported by dynamo at
+  opset 21 (GroupNormalization-21), then ``normfold.optimize`` with ``target="portable"`` (GN-21 kept)
+  and ``target="ort-cpu"`` (lowered to the InstanceNormalization form), next to the legacy TorchScript
+  export at opset 17 (which emits the InstanceNormalization emulation itself).
 
-Measured 2026-11-23 on the 2-core dev box (load average ~8 from other jobs), onnxruntime 1.31.1:
-``--threads 1 --iters 100``: median 6.58 ms before vs 7.11 ms after (0.92x), min 1.98 vs 2.19 ms. The goal
-is not met here: ORT's CPU EP has no GroupNormalization kernel and expands GN-21 into its function body
-(Reshape/ReduceMean/Sub/Mul/Sqrt/Div + 5 Casts, ~29 nodes per GN, NORMS.md §3), while the legacy form runs
-a native InstanceNormalization kernel (5 nodes).
+Run: ``python benchmarks/groupnorm_latency.py [--forms] [--blocks 4] [--size 32] [--threads 1] [--iters 50]``
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
+import onnx
 import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from normfold.fusers.base import PassContext, RulePass
-from normfold.fusers.groupnorm import GroupNormFusion
 from normfold.models import ZOO, seeded_inputs
 
 
@@ -49,23 +48,91 @@ class Stack(nn.Module):
         return x
 
 
-def median_ms(session: ort.InferenceSession, feeds: dict[str, np.ndarray], iters: int) -> list[float]:
-    times = []
+def interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], iters: int) -> dict:
+    """name → (median ms, min ms), one run of each session per round."""
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():
+        s.run(None, feeds)
     for _ in range(iters):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+        for name, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feeds)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=4, help="unet_resblock copies (2 GroupNorms each)")
-    parser.add_argument("--size", type=int, default=0, help="spatial size (0: the zoo's 16)")
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
-    args = parser.parse_args()
+def _session(model: onnx.ModelProto | Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def gn_forms(c: int = 128, hw: int = 64, groups: int = 32) -> dict[str, onnx.ModelProto]:
+    """The three exact forms of one GroupNorm with a random per-channel affine."""
+    rng = np.random.default_rng(0)
+    scale, bias = rng.uniform(0.5, 1.5, c).astype(np.float32), rng.uniform(-0.1, 0.1, c).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(scale, "s"),
+        numpy_helper.from_array(bias, "b"),
+        numpy_helper.from_array(scale.reshape(c, 1, 1), "s3"),
+        numpy_helper.from_array(bias.reshape(c, 1, 1), "b3"),
+        numpy_helper.from_array(np.array([0, groups, -1], np.int64), "grouped"),
+        numpy_helper.from_array(np.array([1, c, hw, hw], np.int64), "back"),
+        numpy_helper.from_array(np.ones(groups, np.float32), "one"),
+        numpy_helper.from_array(np.zeros(groups, np.float32), "zero"),
+        numpy_helper.from_array(np.array([2], np.int64), "axis"),
+        numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+    ]
+    n = helper.make_node
+    tail = [n("Reshape", ["u", "back"], ["r2"]), n("Mul", ["r2", "s3"], ["m"]), n("Add", ["m", "b3"], ["y"])]
+    bodies = {
+        "GroupNormalization-21": [n("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=groups, epsilon=1e-5)],
+        "InstanceNormalization form": [
+            n("Reshape", ["x", "grouped"], ["r"]),
+            n("InstanceNormalization", ["r", "one", "zero"], ["u"], epsilon=1e-5),
+            *tail,
+        ],
+        "decomposed ReduceMean form": [
+            n("Reshape", ["x", "grouped"], ["r"]),
+            n("ReduceMean", ["r", "axis"], ["mu"]),
+            n("Sub", ["r", "mu"], ["d"]),
+            n("Mul", ["d", "d"], ["d2"]),
+            n("ReduceMean", ["d2", "axis"], ["var"]),
+            n("Add", ["var", "eps"], ["ve"]),
+            n("Sqrt", ["ve"], ["sd"]),
+            n("Div", ["d", "sd"], ["u"]),
+            *tail,
+        ],
+    }
+    io_ = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],)
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, hw, hw])]
+    return {
+        k: helper.make_model(
+            helper.make_graph(body, "gn", io_[0], out, inits),
+            opset_imports=[helper.make_opsetid("", 21)],
+            ir_version=10,
+        )
+        for k, body in bodies.items()
+    }
+
+
+def forms(args: argparse.Namespace) -> None:
+    models = gn_forms()
+    sessions = {k: _session(m, args.threads) for k, m in models.items()}
+    x = np.random.default_rng(1).standard_normal((1, 128, 64, 64)).astype(np.float32)
+    outs = {k: s.run(None, {"x": x})[0] for k, s in sessions.items()}
+    ref = outs["GroupNormalization-21"]
+    stats = interleaved(sessions, {"x": x}, args.iters)
+    print(f"one GroupNorm 1x128x64x64, G=32; onnxruntime {ort.__version__} CPU EP, threads {args.threads or 'default'}")
+    print(f"{'form':<30}{'median ms':>10}{'min ms':>10}{'max |diff|':>12}")
+    for k, (med, low) in stats.items():
+        print(f"{k:<30}{med:>10.3f}{low:>10.3f}{np.abs(outs[k] - ref).max():>12.2e}")
+
+
+def stack(args: argparse.Namespace) -> None:
+    from normfold.exporter import export
+    from normfold.fusers import optimize
 
     torch.manual_seed(0)
     model = Stack(args.blocks).eval()
@@ -73,45 +140,45 @@ def main() -> None:
     if args.size:
         x = torch.randn(1, x.shape[1], args.size, args.size, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
-        before_path = Path(tmp) / "legacy17.onnx"
+        d = Path(tmp)
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x, t), str(before_path), dynamo=False, opset_version=17)
-        fused = ir.load(before_path)
-        ctx = PassContext(target_opset=21)
-        RulePass(GroupNormFusion, ctx)(fused)
-        after_path = Path(tmp) / "gn21.onnx"
-        ir.save(fused, after_path)
-        applied = sum(e.status == "applied" for e in ctx.events)
-
-        providers = ["CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        before = ort.InferenceSession(str(before_path), options, providers=providers)
-        after = ort.InferenceSession(str(after_path), options, providers=providers)
-    feeds = {i.name: v.numpy() for i, v in zip(before.get_inputs(), (x, t), strict=True)}
-    y_before = before.run(None, feeds)[0]
-    y_after = after.run(None, feeds)[0]
+            export(model, (x, t), d / "dynamo21.onnx", opset=21)
+            export(model, (x, t), d / "legacy17.onnx", opset=17, exporter="torchscript")
+        optimize(d / "dynamo21.onnx", d / "portable.onnx", target="portable")
+        report = optimize(d / "dynamo21.onnx", d / "ort_cpu.onnx", target="ort-cpu")
+        paths = {
+            "dynamo opset 21 (GN-21), raw": d / "dynamo21.onnx",
+            "optimize --target portable": d / "portable.onnx",
+            "optimize --target ort-cpu": d / "ort_cpu.onnx",
+            "TorchScript opset 17 (IN form)": d / "legacy17.onnx",
+        }
+        sessions = {k: _session(p, args.threads) for k, p in paths.items()}
+    feeds = {i.name: v.numpy() for i, v in zip(sessions["optimize --target ort-cpu"].get_inputs(), (x, t), strict=True)}
     with torch.no_grad():
         eager = model(x, t).numpy()
-    for _ in range(args.warmup):
-        before.run(None, feeds)
-        after.run(None, feeds)
-    t_before: list[float] = []
-    t_after: list[float] = []
-    for _ in range(args.iters):  # interleaved, so drift hits both sides alike
-        t_before += median_ms(before, feeds, 1)
-        t_after += median_ms(after, feeds, 1)
-    m_before, m_after = statistics.median(t_before), statistics.median(t_after)
+    lowered = sessions["optimize --target ort-cpu"].run(None, feeds)[0]
+    stats = interleaved(sessions, feeds, args.iters)
     print(f"model: {args.blocks} x zoo unet_resblock ({2 * args.blocks} GroupNorms), x {tuple(x.shape)}")
-    threads = args.threads or "default"
-    print(f"onnxruntime {ort.__version__}, CPU EP, intra-op threads {threads}; {args.iters} interleaved runs")
-    print(f"GroupNorm sites fused: {applied}; max |after - before| = {np.abs(y_after - y_before).max():.2e}")
-    print(f"max |after - eager| = {np.abs(y_after - eager).max():.2e}")
+    print(f"onnxruntime {ort.__version__} CPU EP, threads {args.threads or 'default'}; {args.iters} interleaved runs")
+    err = np.abs(lowered - eager).max()
+    print(f"lowered GroupNorms: {report.rules['lower_norms'].applied}; max |ort-cpu - eager| = {err:.2e}")
     print(f"{'model':<34}{'median ms':>10}{'min ms':>10}")
-    print(f"{'legacy opset 17 (IN emulation)':<34}{m_before:>10.2f}{min(t_before):>10.2f}")
-    print(f"{'fused GroupNormalization-21':<34}{m_after:>10.2f}{min(t_after):>10.2f}")
-    print(f"speed-up (before / after): {m_before / m_after:.2f}x  (goal >= 1.3x)")
+    for k, (med, low) in stats.items():
+        print(f"{k:<34}{med:>10.2f}{low:>10.2f}")
+    raw, cpu = stats["dynamo opset 21 (GN-21), raw"][0], stats["optimize --target ort-cpu"][0]
+    print(f"speed-up raw dynamo / --target ort-cpu: {raw / cpu:.2f}x  (goal >= 1.3x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--forms", action="store_true", help="time the three forms of one GroupNorm instead")
+    parser.add_argument("--blocks", type=int, default=4, help="unet_resblock copies (2 GroupNorms each)")
+    parser.add_argument("--size", type=int, default=0, help="spatial size (0: the zoo's 16)")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (0: ORT's default)")
+    args = parser.parse_args()
+    forms(args) if args.forms else stack(args)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,12 @@ def optimize_cmd(
     onnx_path: Path = typer.Argument(..., help="ONNX model to optimize."),
     output: Path = typer.Option(None, "--output", "-o", help="Where to write the optimized model (atomically)."),
     passes: str = typer.Option(None, "--passes", help="Comma-separated pass names, in order (default: all)."),
+    target: str = typer.Option(
+        "portable",
+        "--target",
+        help="Runtime that will serve the model: portable|ort-cpu|ort-cuda|ort-trt|trt. Each norm gets the form "
+        "that runtime runs fastest; portable keeps standard one-node forms any runtime loads.",
+    ),
     target_opset: int = typer.Option(None, "--target-opset", help="Allow passes to raise the opset to N."),
     report_path: Path = typer.Option(None, "--report", help="Write the OptimizeReport as JSON (atomically)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the before/after check on ORT CPU."),
@@ -89,6 +95,7 @@ def optimize_cmd(
         output,
         passes=passes,  # the raw "a,b" text: resolve_passes rejects a blank list such as ",,,"
         verify=not no_verify,
+        target=target,
         target_opset=target_opset,
         allow_weight_copies=allow_weight_copies,
         atol=atol,
@@ -101,6 +108,7 @@ def optimize_cmd(
         return
     from rich.markup import escape
 
+    out.print(f"target: {report.target}")
     out.print(rules_table(report))
     sites = sites_table(report)
     if sites is not None:

@@ -66,6 +66,7 @@ class PassContext:
 
     target_opset: int | None = None
     allow_weight_copies: bool = False
+    target: str = "portable"  # the runtime that will serve the model (normfold.fusers.lowering.TARGETS)
     disabled_sites: set[tuple[str, str]] = field(default_factory=set)
     events: list[RuleEvent] = field(default_factory=list)
 

@@ -3,15 +3,18 @@
 Stages of :func:`run_pipeline`, composed with :class:`onnx_ir.passes.PassManager`:
 
 1. **prepare** (:func:`prepare_passes`, once): pin legacy provenance (it lives in node names) and make
-   names unique. *Hook:* pre-rule clean-up passes (``fusers/cleanup.py``) are appended here.
+   names unique, then the general clean-up (``cleanup``, :mod:`normfold.fusers.cleanup`: shape
+   inference, constant folding including shape subgraphs, duplicate/identity/dead-node removal) when
+   it is among the selected passes.
 2. **rules** (the selected passes, :func:`default_passes` order, to a fixed point): a nested
    ``PassManager(steps=MAX_STEPS, early_stop=True)``; each pass is timed and followed by unused-node
-   clean-up when it modified the model. Constant folding first (the exporter's ``optimize=False`` output
-   still computes zero biases and ``sqrt(var + eps)`` at run time), then BN into the layer before it,
+   clean-up when it modified the model. BN into the layer before it,
    affine chains, BN into the conv after it, then any other registered pass (LayerNorm/GroupNorm
    fusion), and last the report-only standalone-BN rule.
-3. **lowering** (:func:`lowering_passes`, once, for ``target``): *hook* for per-target rewrites
-   (``fusers/lowering.py``); empty for the generic target.
+3. **lowering** (:func:`lowering_passes`, once, for ``ctx.target``): ``lower_norms``
+   (:mod:`normfold.fusers.lowering`) gives each norm the target's fastest exact form; when it changed
+   the model, the clean-up runs again. Once, not in the fixed point: the GroupNorm fusion would fuse a
+   lowered GroupNorm back.
 4. **finish** (:func:`finish_passes`, once): *hook* for post-rule clean-up passes, then a topological sort.
 
 An error in any pass becomes a :class:`FusionError` naming the pass and the passes that ran before it.
@@ -37,8 +40,10 @@ from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, Topologica
 
 from normfold.errors import FusionError, OnnxLoadError, UsageError
 from normfold.exporter.provenance import stamp_module_paths
+from normfold.fusers import cleanup as _cleanup  # noqa: F401  (registers cleanup)
 from normfold.fusers._graph import declared_opset
 from normfold.fusers.base import PASS_REGISTRY, NormfoldPass, PassContext, RuleEvent, register_pass
+from normfold.fusers.lowering import DEFAULT_TARGET, check_target
 from normfold.fusers.report import (
     OptimizeReport,
     VerificationReport,
@@ -70,14 +75,18 @@ class FoldConstants(NormfoldPass):
         return bool(fold_constants(model).modified)
 
 
-_HEAD = ("fold_constants", "fuse_bn_into_conv", "fuse_bn_into_gemm", "fold_affine", "fuse_bn_into_next_conv")
+_HEAD = ("fuse_bn_into_conv", "fuse_bn_into_gemm", "fold_affine", "fuse_bn_into_next_conv")
 _TAIL = ("standalone_bn",)
+PRE_PASSES = ("cleanup",)  # stage 1 (and again after a lowering that changed the model)
+FINAL_PASSES = ("lower_norms",)  # stage 3
+_OFF_BY_DEFAULT = ("fold_constants",)  # subsumed by cleanup; still selectable by name
 
 
 def default_passes() -> list[str]:
     """The default order; passes registered by other modules (norm fusions) run before ``standalone_bn``."""
-    middle = [n for n in PASS_REGISTRY if n not in _HEAD and n not in _TAIL and not n.startswith("_")]
-    return [*_HEAD, *middle, *_TAIL]
+    fixed = {*PRE_PASSES, *_HEAD, *_TAIL, *FINAL_PASSES, *_OFF_BY_DEFAULT}
+    middle = [n for n in PASS_REGISTRY if n not in fixed and not n.startswith("_")]
+    return [*PRE_PASSES, *_HEAD, *middle, *_TAIL, *FINAL_PASSES]
 
 
 def resolve_passes(passes: Sequence[str] | str | None) -> list[str]:
@@ -115,15 +124,34 @@ class _PinProvenance(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, stamp_module_paths(model) > 0)
 
 
-def prepare_passes() -> list[ir.passes.PassBase]:
-    """Stage 1, run once before the rules. Hook: pre-rule clean-up passes go at the end of this list."""
-    return [_PinProvenance(), NameFixPass()]
+def prepare_passes(cleanup: Sequence[ir.passes.PassBase] = ()) -> list[ir.passes.PassBase]:
+    """Stage 1, run once before the rules: provenance, unique names, then the selected clean-up."""
+    return [_PinProvenance(), NameFixPass(), *cleanup]
 
 
-def lowering_passes(target: str | None) -> list[ir.passes.PassBase]:
-    """Stage 3, run once after the rules' fixed point. Hook: a target's lowering passes (none yet)."""
-    del target
-    return []
+def lowering_passes(
+    lowering: Sequence[ir.passes.PassBase], cleanup: Sequence[ir.passes.PassBase]
+) -> list[ir.passes.PassBase]:
+    """Stage 3, run once after the rules' fixed point: the target's lowering, then the clean-up if it
+    changed the model (a lowered GroupNorm's ``Shape(x)`` folds to a constant when x is static)."""
+    return [_Then(list(lowering), list(cleanup))] if lowering else []
+
+
+class _Then(ir.passes.InPlacePass):
+    """Run ``first``; run ``then`` only when ``first`` modified the model."""
+
+    def __init__(self, first: list[ir.passes.PassBase], then: list[ir.passes.PassBase]) -> None:
+        super().__init__()
+        self.first, self.then = first, then
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for p in self.first:
+            modified |= p(model).modified
+        if modified:
+            for p in self.then:
+                p(model)
+        return ir.passes.PassResult(model, modified)
 
 
 def finish_passes() -> list[ir.passes.PassBase]:
@@ -163,15 +191,19 @@ class _Timed(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, result.modified)
 
 
-def run_pipeline(model: ir.Model, names: Sequence[str], ctx: PassContext, *, target: str | None = None) -> PipelineRun:
-    """Run the stages (module docstring) with the rule passes ``names``; ``model`` is rewritten in place."""
+def run_pipeline(model: ir.Model, names: Sequence[str], ctx: PassContext) -> PipelineRun:
+    """Run the stages (module docstring) with the passes ``names``; ``model`` is rewritten in place."""
     history = _History(dict.fromkeys(names, 0.0))
-    rules = [_Timed(PASS_REGISTRY[name](ctx), history) for name in names]
+
+    def timed(stage: Sequence[str]) -> list[ir.passes.PassBase]:
+        return [_Timed(PASS_REGISTRY[name](ctx), history) for name in names if name in stage]
+
+    looped = [name for name in names if name not in PRE_PASSES and name not in FINAL_PASSES]
     manager = ir.passes.PassManager(
         [
-            *prepare_passes(),
-            ir.passes.PassManager(rules, steps=MAX_STEPS, early_stop=True),
-            *lowering_passes(target),
+            *prepare_passes(timed(PRE_PASSES)),
+            *([ir.passes.PassManager(timed(looped), steps=MAX_STEPS, early_stop=True)] if looped else []),
+            *lowering_passes(timed(FINAL_PASSES), timed(PRE_PASSES)),
             *finish_passes(),
         ]
     )
@@ -222,17 +254,18 @@ class _Job:
     source: _Source
     names: list[str]
     base: PassContext
-    target: str | None = None  # lowering target, handed to :func:`lowering_passes`
+    target: str = DEFAULT_TARGET  # the serving runtime, read by the lowering stage from ``ctx.target``
 
     def attempt(self, disabled: set[tuple[str, str]], model: ir.Model | None = None) -> PipelineRun:
         """Run the pipeline on a fresh copy of the input (or on ``model``, already deserialized from it)."""
         ctx = PassContext(
             target_opset=self.base.target_opset,
             allow_weight_copies=self.base.allow_weight_copies,
+            target=self.target,
             disabled_sites=set(disabled),
         )
         fresh = model if model is not None else self.source.fresh()
-        return run_pipeline(fresh, self.names, ctx, target=self.target)
+        return run_pipeline(fresh, self.names, ctx)
 
 
 def _bisect(
@@ -308,6 +341,7 @@ def optimize(
     *,
     passes: Sequence[str] | None = None,
     verify: bool = True,
+    target: str = DEFAULT_TARGET,
     target_opset: int | None = None,
     allow_weight_copies: bool = False,
     atol: float | None = None,
@@ -318,9 +352,12 @@ def optimize(
 
     ``passes`` picks and orders passes by name (default :func:`default_passes`). With ``verify`` the
     result is checked against the input on ORT CPU; a rewrite that breaks it is disabled and the run
-    retried, and a model that still fails is never written (:class:`FusionError`).
+    retried, and a model that still fails is never written (:class:`FusionError`). ``target`` names the
+    runtime that will serve the model (:data:`normfold.fusers.lowering.TARGETS`): each norm gets the
+    form that runtime runs fastest; ``portable`` keeps standard one-node forms any runtime loads.
     """
     start = time.perf_counter()
+    check_target(target)
     names = resolve_passes(passes)
     source = _Source(src)
     original = source.fresh()  # external tensors are mapped lazily: nothing is read until a pass needs it
@@ -329,7 +366,7 @@ def optimize(
         initializer_bytes(original),
         declared_opset(original),
     )
-    job = _Job(source, names, PassContext(target_opset=target_opset, allow_weight_copies=allow_weight_copies))
+    job = _Job(source, names, PassContext(target_opset=target_opset, allow_weight_copies=allow_weight_copies), target)
     tol = tolerance_for("fp32", atol, rtol)  # the project's fp32 defaults unless overridden
     scratch = Path(dst).parent if dst is not None else None  # big candidates are verified from a file here
     verifier = Verifier(source.runnable(), tol, seed, scratch) if verify else None
@@ -343,6 +380,7 @@ def optimize(
     return OptimizeReport(
         source=source.where,
         output=out_path,
+        target=target,
         passes=names,
         rules=summarize(events, names),
         ops_before=ops_before,

@@ -92,6 +92,7 @@ class OptimizeReport:
     opset_before: int | None
     opset_after: int | None
     verification: VerificationReport | None = None
+    target: str = "portable"
 
     @property
     def applied(self) -> int:
@@ -104,6 +105,7 @@ class OptimizeReport:
         return {
             "source": self.source,
             "output": self.output,
+            "target": self.target,
             "passes": self.passes,
             "rules": {name: r.to_dict() for name, r in self.rules.items()},
             "ops_before": self.ops_before,

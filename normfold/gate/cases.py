@@ -250,7 +250,7 @@ def _run(spec: CaseSpec, result: CaseResult, tmp: Path, stage: _Stage) -> None:
         onnx_path = exported.path
         if s.get("optimize", True):
             stage.name = "optimize"
-            onnx_path = _optimize(onnx_path, tmp / "model.opt.onnx", s.get("passes"), result)
+            onnx_path = _optimize(onnx_path, tmp / "model.opt.onnx", s.get("passes"), result, spec.backend)
     result.onnx_path = str(onnx_path)
 
     stage.name = "compare"
@@ -263,16 +263,19 @@ def _run(spec: CaseSpec, result: CaseResult, tmp: Path, stage: _Stage) -> None:
         _bench(spec, onnx_path, result)
 
 
-def _optimize(src: Path, dst: Path, passes: list[str] | None, result: CaseResult) -> Path:
+def _optimize(src: Path, dst: Path, passes: list[str] | None, result: CaseResult, backend: str) -> Path:
+    """Optimize for the case's backend (its norm forms); a backend that is not a runtime gets ``portable``."""
     try:
         from normfold.fusers import optimize
+        from normfold.fusers.lowering import TARGETS
     except ImportError as e:
         log.debug("optimize unavailable: %s", e)
         result.notes.append("optimize unavailable in this build (no normfold.fusers.optimize); checked the raw export")
         result.optimize = {"available": False}
         return src
-    report = optimize(src, dst, passes=passes)
-    summary: dict[str, Any] = {"available": True}
+    target = backend if backend in TARGETS else "portable"
+    report = optimize(src, dst, passes=passes, target=target)
+    summary: dict[str, Any] = {"available": True, "target": target}
     for key in ("applied", "ops_before", "ops_after", "total_seconds"):
         value = _get(report, key)
         if value is not None:

@@ -34,7 +34,7 @@ def conv_bn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_default_order_and_report(conv_bn_model: Path, tmp_path: Path) -> None:
     names = default_passes()
-    assert names[0] == "fold_constants" and names[-1] == "standalone_bn"
+    assert names[0] == "cleanup" and names[-2:] == ["standalone_bn", "lower_norms"]
     report = optimize(conv_bn_model, tmp_path / "o.onnx")
     assert report.output == str(tmp_path / "o.onnx") and report.passes == names
     assert report.ops_before == {"BatchNormalization": 2, "Conv": 2, "Relu": 1}

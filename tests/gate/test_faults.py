@@ -161,6 +161,7 @@ def test_clean_export_was_optimized_before_the_compare(fault_report) -> None:
     if hasattr(importlib.import_module("normfold.fusers"), "optimize"):
         assert case.optimize["available"] and case.optimize["applied"] > 0  # its BatchNorms were folded
         assert case.optimize["ops_after"].get("BatchNormalization", 0) == 0
+        assert case.optimize["target"] == case.backend == "ort-cpu"  # norms lowered for the case's backend
         assert case.optimize_summary().startswith("optimized: ")
     else:
         assert any("optimize unavailable" in n for n in case.notes)
