@@ -57,6 +57,8 @@ class CaseSettings(_Strict):
     rtol: float | None = Field(default=None, ge=0)
     outputs: dict[str, OutputTolerance] = Field(default_factory=dict)
     per_layer: bool = True
+    fail_on: Literal["layers", "outputs"] | None = None
+    allow_nonfinite: bool = False
     seed: int = 0
     bench: bool = False
     bench_warmup: int = Field(default=3, ge=0)
@@ -108,6 +110,8 @@ class ModelConfig(_Strict):
     rtol: float | None = Field(default=None, ge=0)
     outputs: dict[str, OutputTolerance] | None = None
     per_layer: bool | None = None
+    fail_on: Literal["layers", "outputs"] | None = None
+    allow_nonfinite: bool | None = None
     seed: int | None = None
     bench: bool | None = None
     bench_warmup: int | None = Field(default=None, ge=0)

@@ -69,6 +69,7 @@ from torch import nn
 from normfold.errors import InputSpecError, OnnxLoadError
 from normfold.exporter.provenance import is_ancestor, module_path, module_prefixes, resolve_module_path
 from normfold.io import save_onnx
+from normfold.numerics.functional import FunctionalCall, match_functional, record_functional
 from normfold.numerics.metrics import TensorMetrics, compare_tensors
 from normfold.numerics.tolerances import Tolerance
 from normfold.runtime.base import Backend, SessionOptions
@@ -119,7 +120,7 @@ def layer_tolerance(tol: Tolerance, reference: np.ndarray | float) -> Tolerance:
     ``reference`` is the eager tensor of the layer, or already its ``max|ref|``.
     """
     magnitude = float(reference) if isinstance(reference, (float, int)) else max_magnitude(reference)
-    return Tolerance(atol=tol.atol + tol.rtol * magnitude, rtol=tol.rtol, min_cosine=tol.min_cosine)
+    return dataclasses.replace(tol, atol=tol.atol + tol.rtol * magnitude)
 
 
 @dataclass
@@ -146,6 +147,7 @@ class LayerResult:
     ref_max_abs: float | None = None
     inputs_from: list[str] = field(default_factory=list)
     absorbed: list[str] = field(default_factory=list)
+    kind: Literal["module", "functional"] = "module"
 
     @property
     def matched(self) -> bool:
@@ -194,6 +196,7 @@ class LayerResult:
             "max_rel": self.max_rel,
             "inputs_from": list(self.inputs_from),
             "absorbed": list(self.absorbed),
+            "kind": self.kind,
         }
 
 
@@ -241,6 +244,10 @@ class LayerReport:
     layers: list[LayerResult] = field(default_factory=list)
     extra_outputs: int = 0
     tolerance_rule: str = "atol_eff = atol + rtol·max|ref_layer|, rtol as given"
+    #: The graph outputs of the same (instrumented) run, by name: the output comparison reuses them.
+    outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    functional_calls: int = 0
+    functional_matched: int = 0
 
     @property
     def first_divergence(self) -> FirstDivergence | None:
@@ -255,7 +262,9 @@ class LayerReport:
 
     @property
     def counts(self) -> dict[str, int]:
-        statuses = [layer.status for layer in self.layers]
+        """Module rows by status (the matching quality), and the functional rows beside them."""
+        statuses = [layer.status for layer in self.layers if layer.kind == "module"]
+        functional = [layer.status for layer in self.layers if layer.kind == "functional"]
         return {
             "layers": len(statuses),
             "matched": sum(s in ("pass", "fail") for s in statuses),
@@ -263,6 +272,8 @@ class LayerReport:
             "failed": statuses.count("fail"),
             "fused": statuses.count("fused"),
             "unmatched": statuses.count("unmatched"),
+            "functional": len(functional),
+            "functional_failed": functional.count("fail"),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,6 +286,7 @@ class LayerReport:
             "tolerance_rule": self.tolerance_rule,
             "extra_outputs": self.extra_outputs,
             "counts": self.counts,
+            "functional": {"calls": self.functional_calls, "matched": self.functional_matched},
             "first_divergence": None if first is None else first.to_dict(),
             "layers": [layer.to_dict() for layer in self.layers],
         }
@@ -327,6 +339,8 @@ class EagerTrace:
     input_ids: list[int]
     never_called: list[str]
     modules: frozenset[str] = frozenset()
+    #: Functional ops called in user forwards (:mod:`normfold.numerics.functional`), in execution order.
+    functional: list[FunctionalCall] = field(default_factory=list)
 
     @property
     def outputs(self) -> list[np.ndarray]:
@@ -385,13 +399,13 @@ def trace_eager(module: nn.Module, inputs: Sequence[torch.Tensor]) -> EagerTrace
     # One global hook instead of one per module: same calls, a fraction of the registration and dispatch cost.
     handle = torch.nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), record_functional(paths, lambda: len(calls)) as functional:
             module(*args)
     finally:
         handle.remove()
     keep_alive.clear()
     never = [path for path, _ in named if path not in counts]
-    return EagerTrace(calls, producer, input_ids, never, frozenset(path for path, _ in named))
+    return EagerTrace(calls, producer, input_ids, never, frozenset(path for path, _ in named), functional)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -778,19 +792,31 @@ def compare_layers(
         for (order, j), m in matches.items()
         if m.value is not None and calls[order].outputs[j] is not None
     }
+    fvalues = match_functional(trace.functional, g.nodes, g.paths, g.fits)
+    for k, value in fvalues.items():
+        wanted.setdefault(value, trace.functional[k].output)
     produced, extra = _run_instrumented(proto, g, wanted, inputs, backend, options)
     report = LayerReport(backend=backend.name, onnx_path=str(onnx_path), tolerance=tol, extra_outputs=extra)
+    report.outputs = {name: produced[name] for name in g.graph_outputs if name in produced}
+    report.functional_calls, report.functional_matched = len(trace.functional), len(fvalues)
+    fnames = {call.output_id: call.name for call in trace.functional}
     n_calls: dict[str, int] = {}
     for c in calls:
         n_calls[c.path] = n_calls.get(c.path, 0) + 1
     names = {(c.order, j): _display_name(c, j, n_calls) for c in calls for j in range(len(c.outputs))}
+    functional = _functional_layers(trace, fvalues, produced, tol, g)
+    for rows in functional.values():
+        for row, call in rows:
+            pseudo = _Call("", "", 0, call.after_call, [], [], call.input_ids, False)
+            row.inputs_from = _input_sources(pseudo, calls, producer, input_ids, names, g, fnames)
     absorbed: dict[str, list[str]] = {}
     for (order, j), m in sorted(matches.items()):
         if m.status == "fused" and m.fused_into is not None:
             absorbed.setdefault(m.fused_into, []).append(names[(order, j)])
     seen: dict[str, list[tuple[np.ndarray, LayerResult]]] = {}
     for c in calls:
-        sources = _input_sources(c, calls, producer, input_ids, names, g)
+        report.layers.extend(row for row, _ in functional.pop(c.order, []))
+        sources = _input_sources(c, calls, producer, input_ids, names, g, fnames)
         for j, ref in enumerate(c.outputs):
             m = matches.get((c.order, j), _Match(reason=REASON_NO_COUNTERPART, reason_kind=REASON_NO_COUNTERPART))
             layer = LayerResult(
@@ -812,6 +838,8 @@ def compare_layers(
             if m.value is not None and ref is not None:
                 _fill_metrics(layer, m, ref, produced, tol, g, seen)
             report.layers.append(layer)
+    for rest in functional.values():
+        report.layers.extend(row for row, _ in rest)
     _credit_exporter_fusions(report.layers, calls, produced, tol)
     for path in never:
         sub = module.get_submodule(path)
@@ -840,8 +868,10 @@ def _input_sources(
     input_ids: list[int],
     names: dict[tuple[int, int], str],
     g: _Graph,
+    fnames: dict[int, str],
 ) -> list[str]:
-    """Where each input tensor of a call came from: a graph input, an earlier layer, or untracked ops."""
+    """Where each input tensor of a call came from: a graph input, an earlier layer, a functional op
+    (``fnames`` by tensor id), or untracked ops."""
     sources = []
     for t in c.input_ids:
         if t in input_ids:
@@ -849,8 +879,52 @@ def _input_sources(
             sources.append(f"input {g.graph_inputs[idx]}" if idx < len(g.graph_inputs) else "input")
             continue
         src = _source_call(t, calls, producer, c.order)
-        sources.append(names[src] if src is not None else f"ops of {_parent(c.path) or _ROOT_LABEL}")
+        if src is not None:
+            sources.append(names[src])
+        else:
+            sources.append(fnames.get(t) or f"ops of {_parent(c.path) or _ROOT_LABEL}")
     return sources
+
+
+def _functional_layers(
+    trace: EagerTrace, fvalues: dict[int, str], produced: dict[str, np.ndarray], tol: Tolerance, g: _Graph
+) -> dict[int, list[tuple[LayerResult, FunctionalCall]]]:
+    """A compared row per matched functional call, keyed by the module call it precedes."""
+    rows: dict[int, list[tuple[LayerResult, FunctionalCall]]] = {}
+    for k, value in sorted(fvalues.items()):
+        call = trace.functional[k]
+        actual = produced.get(value)
+        if actual is None or tuple(np.shape(actual)) != tuple(call.output.shape):
+            continue
+        node = g.producer_node(value)
+        magnitude = max_magnitude(call.output)
+        tolerance = layer_tolerance(tol, magnitude)
+        metrics = compare_tensors(call.name, actual, call.output, tolerance)
+        rows.setdefault(call.after_call, []).append(
+            (
+                LayerResult(
+                    name=call.name,
+                    module=call.owner,
+                    module_type=call.op,
+                    call=call.index,
+                    output_index=0,
+                    order=call.after_call,
+                    depth=_depth(call.owner) + 1,
+                    status="pass" if metrics.passed else "fail",
+                    reason=f"functional op at {call.file}:{call.line}",
+                    onnx_value=value,
+                    onnx_node=None if node is None else node.name,
+                    op_type=None if node is None else node.op_type,
+                    shape=tuple(call.output.shape),
+                    tolerance=tolerance,
+                    metrics=metrics,
+                    ref_max_abs=magnitude,
+                    kind="functional",
+                ),
+                call,
+            )
+        )
+    return rows
 
 
 def _run_instrumented(
@@ -890,13 +964,23 @@ def _run_instrumented(
         else:
             save_onnx(proto, path)  # external data beside it
         with backend.load(path, opts) as runner:
-            run_feeds = {meta.name: feeds[meta.name] for meta in runner.inputs if meta.name in feeds}
+            run_feeds = {
+                meta.name: _cast_float(feeds[meta.name], meta.dtype) for meta in runner.inputs if meta.name in feeds
+            }
             if len(run_feeds) != len(runner.inputs):
                 raise InputSpecError(
                     f"the instrumented model takes inputs {runner.input_names}, the graph declares {sorted(feeds)}"
                 )
             produced = runner.infer(run_feeds)
     return {**feeds, **produced}, added
+
+
+def _cast_float(arr: np.ndarray, dtype: Any) -> np.ndarray:
+    """Cast between float types only (an fp16 model takes fp16 feeds); never touch integer inputs."""
+    target = np.dtype(dtype) if dtype is not None else arr.dtype
+    if arr.dtype != target and np.issubdtype(arr.dtype, np.floating) and np.issubdtype(target, np.floating):
+        return arr.astype(target)
+    return arr
 
 
 def _fill_metrics(
