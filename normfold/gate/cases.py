@@ -22,7 +22,6 @@ import logging
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +52,10 @@ class CaseSpec:
     bench: bool = False
     #: None: probe the backend where the case runs (Ray); "": probed available; text: why it cannot run.
     unavailable: str | None = None
+    #: ``{"p50_ms", "p90_ms", "artifact", "threshold"}`` of the stored baseline, to confirm a regression.
+    latency_baseline: dict[str, Any] | None = None
+    #: Where to store the measured model for later interleaved runs (``--update-baseline``).
+    artifact_out: str | None = None
 
     @property
     def timeout_s(self) -> float:
@@ -372,31 +375,19 @@ def _verdict(result: CaseResult, metrics: dict[str, dict[str, Any]], fail_on: st
 
 
 def _bench(spec: CaseSpec, onnx_path: Path, result: CaseResult) -> None:
-    try:
-        from normfold.bench import benchmark
-    except ImportError as e:
-        log.debug("benchmark unavailable: %s", e)
-        result.notes.append("benchmark unavailable in this build (no normfold.bench.benchmark); latency not judged")
-        return
+    """Latency measured until stable (:mod:`normfold.gate.latency`); the budget is judged here, a baseline
+    regression (already confirmed by re-measuring) by :func:`normfold.gate.baseline.apply_baseline`."""
+    from normfold.gate.latency import measure_latency, store_artifact
+
     s = spec.settings
-    bench: Callable[..., Any] = benchmark
-    # batch_sizes=None: the model's own batch (a static model cannot run another).
-    report = bench(
-        onnx_path, backends=(spec.backend,), batch_sizes=None, warmup=s["bench_warmup"], iters=s["bench_iters"]
-    )
-    rows = list(_get(report, "results", []) or [])
-    row = next((r for r in rows if _get(r, "backend") == spec.backend), rows[0] if rows else None)
-    if row is None:
-        result.notes.append("benchmark returned no results; latency not judged")
-        return
-    data = row.to_dict() if hasattr(row, "to_dict") else dict(row)
-    latency = {
-        k: float(data[k])
-        for k in ("p50_ms", "p90_ms", "min_ms", "max_ms", "mean_ms", "std_ms", "first_run_ms")
-        if isinstance(data.get(k), (int, float))
-    }
-    latency["iterations"] = int(data.get("iterations") or s["bench_iters"])
+    latency = measure_latency(onnx_path, spec.backend, spec.precision, s, spec.latency_baseline)
+    if spec.artifact_out:
+        stored = store_artifact(onnx_path, Path(spec.artifact_out))
+        if stored:
+            latency["artifact"] = stored
     result.latency = latency
+    if latency.get("verdict") == "unstable":
+        result.notes.append(f"latency unstable: {latency.get('note', 'the p50 did not settle')}")
     budget = (s.get("latency_budget_ms") or {}).get(spec.backend)
     p50 = latency.get("p50_ms")
     if budget is not None and p50 is not None:

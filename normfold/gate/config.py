@@ -63,6 +63,8 @@ class CaseSettings(_Strict):
     bench: bool = False
     bench_warmup: int = Field(default=3, ge=0)
     bench_iters: int = Field(default=30, ge=1)
+    bench_stability: float = Field(default=0.10, gt=0, lt=1)
+    bench_threads: int = Field(default=1, ge=1)
     latency_budget_ms: dict[str, float] = Field(default_factory=dict)
     timeout_s: float = Field(default=600.0, gt=0)
 
@@ -116,6 +118,8 @@ class ModelConfig(_Strict):
     bench: bool | None = None
     bench_warmup: int | None = Field(default=None, ge=0)
     bench_iters: int | None = Field(default=None, ge=1)
+    bench_stability: float | None = Field(default=None, gt=0, lt=1)
+    bench_threads: int | None = Field(default=None, ge=1)
     latency_budget_ms: dict[str, float] | None = None
     timeout_s: float | None = Field(default=None, gt=0)
 

@@ -7,9 +7,9 @@ Eager side
     While the hooked eager run goes, a :class:`torch.overrides.TorchFunctionMode` sees every torch call.
     A call is *functional* when the first Python frame above torch's own code is user code: a call
     made inside ``torch/nn/modules`` (``Conv2d.forward`` calling ``F.conv2d``) belongs to that module and
-    is skipped, and so are normfold's own calls (the hooks' clones). Each functional call records the op,
-    the ``file:line`` of the call, the module whose ``forward`` was running (a pre-hook keeps the stack),
-    and a clone of its tensor output.
+    is skipped, and so are the calls of normfold's numerics code itself (the hooks' clones). Each
+    functional call records the op, the ``file:line`` of the call, the module whose ``forward`` was
+    running (a pre-hook keeps the stack), and a clone of its tensor output.
 
 ONNX side
     The dynamo exporter writes the source stack of every node in ``metadata_props``
@@ -45,7 +45,7 @@ _FX_TARGET = re.compile(r"target=torch\.ops\.aten\.(\w+)\.")
 _INPLACE = frozenset({"add", "sub", "mul", "truediv", "div", "and", "or"})
 
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
-_NORMFOLD_DIR = str(Path(__file__).resolve().parent.parent)
+_OWN_DIR = str(Path(__file__).resolve().parent)  # the hooks' own calls (clones), not the model's
 _MODULES_DIR = str(Path(_TORCH_DIR) / "nn" / "modules")
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 _FUNCTIONAL_NAMES = frozenset(dir(torch.nn.functional))
@@ -94,7 +94,7 @@ def _user_site() -> tuple[str, int] | None:
         if filename.startswith(_MODULES_DIR):
             return None  # inside a module's own forward: the module hook covers it
         if not filename.startswith(_TORCH_DIR):
-            if filename.startswith(_NORMFOLD_DIR):
+            if filename.startswith(_OWN_DIR):
                 return None
             return filename, frame.f_lineno
         frame = frame.f_back  # type: ignore[assignment]
