@@ -194,8 +194,11 @@ def measure_until_stable(
     windows: int = STABLE_WINDOWS,
     max_windows: int = 12,
     warmup_s: float = 0.1,
+    warmup: int = 0,
+    min_iters: int = 5,
 ) -> StableMeasurement:
-    """Measure ``window_s`` windows until ``windows`` consecutive medians agree within ``stability``.
+    """Measure ``window_s`` windows (of at least ``min_iters`` calls) until ``windows`` consecutive medians
+    agree within ``stability``, after ``warmup`` calls and ``warmup_s`` seconds of warm-up.
 
     Like perf_analyzer's ``--stability-percentage``: a level that is still moving (another process
     starting, a CPU clocking up) is not a measurement. After ``max_windows`` without agreement the
@@ -206,11 +209,12 @@ def measure_until_stable(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
+        _warm_up(fn, Schedule(warmup=warmup))
         _warm_up(fn, Schedule(warmup_s=warmup_s))
         per_window: list[list[int]] = []
         p50s: list[float] = []
         while len(per_window) < max_windows:
-            samples = _measure_duration(fn, window_s, 5)
+            samples = _measure_duration(fn, window_s, max(1, min_iters))
             per_window.append(samples)
             p50s.append(_median(samples))
             if len(p50s) >= windows and window_spread(p50s[-windows:]) <= stability:

@@ -112,6 +112,15 @@ class CaseResult:
         values = [o["cosine"] for o in self.outputs.values() if "cosine" in o]
         return min(values) if values else None
 
+    def nonfinite_summary(self) -> str:
+        """``non-finite: y 12 (reference 12)`` for outputs holding NaN/Inf on either side, else empty."""
+        found = [
+            f"{name} {m.get('nonfinite', 0)} (reference {m.get('expected_nonfinite', 0)})"
+            for name, m in self.outputs.items()
+            if m.get("nonfinite") or m.get("expected_nonfinite")
+        ]
+        return f"non-finite: {', '.join(found)}" if found else ""
+
     def optimize_summary(self) -> str:
         """``optimized: 9 rewrites, 31 → 22 nodes`` (empty when the case was not optimized)."""
         opt = self.optimize or {}

@@ -71,7 +71,8 @@ def measure_latency(
     with runner:
         call = timed_runner_call(runner, feeds)
         call()  # the first inference is not steady state
-        run = measure_until_stable(call, window_s=window_s, stability=stability)
+        warmup, min_iters = int(settings.get("bench_warmup", 3)), int(settings.get("bench_iters", 30))
+        run = measure_until_stable(call, window_s=window_s, stability=stability, warmup=warmup, min_iters=min_iters)
         latency: dict[str, Any] = {**_stats(run.samples_ns), "iterations": len(run.samples_ns), "threads": threads}
         latency["stability"] = run.to_dict()
         if not run.stable:

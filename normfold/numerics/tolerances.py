@@ -70,9 +70,11 @@ def tolerance_for(
 
 #: What decides a verdict by default. At fp32/tf32 a correct graph keeps every layer within
 #: ``atol + rtol·max|ref_layer|``, so a layer out of it is a fault even when the outputs hide it (pooling,
-#: ReLU). At fp16/bf16 the per-layer noise of a correct conversion is of the order of the tolerance
-#: itself (see benchmarks/gate_real_models.py), so there the outputs decide and layers only explain.
-DEFAULT_FAIL_ON: dict[str, str] = {"fp32": "layers", "tf32": "layers", "fp16": "outputs", "bf16": "outputs"}
+#: ReLU). fp16: correct ``normfold convert`` results of the whole zoo kept every layer at ≤ 0.32 of its
+#: fp16 tolerance on ORT CPU (benchmarks/fp16_layers.py; a lower bound, ORT CPU widens some fp16 kernels),
+#: so layers decide there too. bf16: the instrumented per-layer copy does not load on ORT CPU (no bf16
+#: kernels for the exposed values), so nothing was measured and the outputs keep deciding.
+DEFAULT_FAIL_ON: dict[str, str] = {"fp32": "layers", "tf32": "layers", "fp16": "layers", "bf16": "outputs"}
 FAIL_ON_CHOICES = ("layers", "outputs")
 
 
