@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from normfold.errors import InputSpecError, OnnxLoadError
-from normfold.exporter.provenance import is_ancestor, module_path, module_prefixes, resolve_module_path
+from normfold.exporter.provenance import is_ancestor, module_prefixes, resolve_node_path
 from normfold.io import save_onnx
 from normfold.numerics.functional import FunctionalCall, match_functional, record_functional
 from normfold.numerics.metrics import TensorMetrics, compare_tensors
@@ -434,7 +434,7 @@ class _Graph:
 
     def __init__(self, graph: onnx.GraphProto, modules: frozenset[str] = frozenset()) -> None:
         self.nodes: list[onnx.NodeProto] = list(graph.node)
-        self.paths = [resolve_module_path(module_path(n), modules) for n in self.nodes]
+        self.paths = [resolve_node_path(n, modules) for n in self.nodes]
         self.by_module: dict[str, list[int]] = {}
         for i, p in enumerate(self.paths):
             if p is None:
@@ -630,6 +630,7 @@ def _value_of_tensor(
     g: _Graph,
     matches: dict[tuple[int, int], _Match],
     before: int,
+    tracked: dict[int, str] | None = None,
 ) -> str | None:
     """The ONNX value carrying an eager tensor: a graph input or the matched output of an earlier call."""
     if tensor_id in input_ids:
@@ -637,7 +638,9 @@ def _value_of_tensor(
         return g.graph_inputs[i] if i < len(g.graph_inputs) else None
     src = _source_call(tensor_id, calls, producer, before)
     m = None if src is None else matches.get(src)
-    return None if m is None else m.value
+    if m is not None and m.value is not None:
+        return m.value
+    return (tracked or {}).get(tensor_id)  # the output of a matched functional op
 
 
 def _absorber(
@@ -683,8 +686,12 @@ def _resolve_nodeless(
     producer: dict[int, tuple[int, int]],
     input_ids: list[int],
     matches: dict[tuple[int, int], _Match],
+    tracked: dict[int, str] | None = None,
 ) -> None:
-    """Give a match or a reason to every (call, output) of a module that owns no ONNX node."""
+    """Give a match or a reason to every (call, output) of a module that owns no ONNX node.
+
+    ``tracked`` maps tensor ids of matched functional-op outputs to their ONNX values, so a Dropout or
+    Identity fed by ``F.gelu(x)`` is compared at the Gelu's value instead of "untracked ops"."""
     last_call = {c.path: c.order for c in calls}
     for c in calls:
         for j, out in enumerate(c.outputs):
@@ -699,21 +706,31 @@ def _resolve_nodeless(
             if c.path == "":
                 continue  # handled by the root match
             if c.returns_input:
-                value = _value_of_tensor(c.output_ids[j], calls, producer, input_ids, g, matches, c.order)
+                value = _value_of_tensor(c.output_ids[j], calls, producer, input_ids, g, matches, c.order, tracked)
                 if value is not None:
                     matches[key] = _Match(value=value, status="pass", alias_of=value)
                     continue
             inputs = [
                 v
-                for v in (_value_of_tensor(t, calls, producer, input_ids, g, matches, c.order) for t in c.input_ids)
+                for v in (
+                    _value_of_tensor(t, calls, producer, input_ids, g, matches, c.order, tracked) for t in c.input_ids
+                )
                 if v is not None
             ]
             found = _absorber(g, c.path, inputs, last_call, c.order) if inputs else None
             if found is None:
+                feeder = next(
+                    (src for src in (_source_call(t, calls, producer, c.order) for t in c.input_ids) if src), None
+                )
+                untracked = (
+                    f"its input comes from {calls[feeder[0]].path or _ROOT_LABEL}, which has no ONNX value of its own"
+                    if feeder is not None
+                    else "its inputs come from untracked ops"
+                )
                 why = (
                     "its nodes are not in the graph and no later sibling or parent consumes its inputs"
                     if inputs
-                    else "its nodes are not in the graph and its inputs come from untracked ops"
+                    else f"its nodes are not in the graph and {untracked}"
                 )
                 matches[key] = _Match(reason=f"{REASON_NO_COUNTERPART}: {why}", reason_kind=REASON_NO_COUNTERPART)
                 continue
@@ -726,6 +743,54 @@ def _resolve_nodeless(
                 )
             else:
                 matches[key] = _Match(status="fused", fused_into=owner, reason=f"{node.op_type} {node.name!r}")
+
+
+def _agree_with_children(
+    calls: list[_Call], producer: dict[int, tuple[int, int]], matches: dict[tuple[int, int], _Match]
+) -> None:
+    """Provenance checked from the eager side: a module that returns a tensor one of its descendants
+    returned must be compared at that descendant's value, or not at all.
+
+    The graph side alone picks "the last node under the module's path", which is a wrong value when
+    the exporter lost or misplaced the provenance of the nodes that really end the module (a
+    TorchScript mobilenet_v3 block compared its squeeze-excitation Mul, error 7.4, as its output). The
+    eager trace knows which call produced each tensor, so the parent follows its child: the same value
+    when the child is matched, "not matched" with the child's reason when it is not. A child inlined
+    into a fused op of this very parent leaves the parent's own match alone (that op computes both).
+    """
+    for c in calls:
+        if c.path == "":
+            continue
+        for j, tensor_id in enumerate(c.output_ids):
+            key = (c.order, j)
+            if tensor_id == 0 or key not in matches or c.returns_input:
+                continue
+            src = _source_call(tensor_id, calls, producer, c.order)
+            if src is None or not is_ancestor(c.path, calls[src[0]].path):
+                continue
+            mine_ref, child_ref = c.outputs[j], calls[src[0]].outputs[src[1]]
+            if mine_ref is None or child_ref is None or not np.array_equal(mine_ref, child_ref, equal_nan=True):
+                continue  # the same tensor object, changed in place afterwards (``out += identity``)
+            child, mine = matches.get(src), matches[key]
+            if child is None:
+                continue
+            if child.value is not None:
+                if mine.value != child.value:
+                    matches[key] = dataclasses.replace(child, alias_of="")
+                continue
+            if (
+                child.reason_kind == REASON_INLINED
+                and child.fused_into is not None
+                and (child.fused_into == c.path or is_ancestor(child.fused_into, c.path))
+            ):
+                continue
+            if child.status == "fused":
+                continue
+            name = calls[src[0]].path
+            matches[key] = _Match(
+                reason=f"its output is {name}'s, which is not matched ({child.reason_kind or child.reason})",
+                reason_kind=child.reason_kind or REASON_NO_COUNTERPART,
+            )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -771,7 +836,10 @@ def compare_layers(
             f"the ONNX model takes {len(g.graph_inputs)} inputs {g.graph_inputs}, the eager model {len(inputs)}"
         )
     matches = _match_calls(g, calls)
-    _resolve_nodeless(g, calls, producer, input_ids, matches)
+    fvalues = match_functional(trace.functional, g.nodes, g.paths, g.fits)
+    tracked = {trace.functional[k].output_id: value for k, value in fvalues.items()}
+    _resolve_nodeless(g, calls, producer, input_ids, matches, tracked)
+    _agree_with_children(calls, producer, matches)
     root_outputs = list(g.graph_outputs)
     for c in calls:
         if c.path != "":
@@ -792,7 +860,6 @@ def compare_layers(
         for (order, j), m in matches.items()
         if m.value is not None and calls[order].outputs[j] is not None
     }
-    fvalues = match_functional(trace.functional, g.nodes, g.paths, g.fits)
     for k, value in fvalues.items():
         wanted.setdefault(value, trace.functional[k].output)
     produced, extra = _run_instrumented(proto, g, wanted, inputs, backend, options)
@@ -841,6 +908,7 @@ def compare_layers(
     for rest in functional.values():
         report.layers.extend(row for row, _ in rest)
     _credit_exporter_fusions(report.layers, calls, produced, tol)
+    _follow_credited(report.layers)
     for path in never:
         sub = module.get_submodule(path)
         report.layers.append(
@@ -1076,6 +1144,23 @@ def _credit_exporter_fusions(
             layer.reason = f"{layer.op_type} {layer.onnx_node!r} computes {nxt.name} (the exporter fused them)"
             layer.onnx_value, layer.metrics, layer.tolerance = None, None, None
             break
+
+
+def _follow_credited(layers: list[LayerResult]) -> None:
+    """A parent left unmatched because its child was (see :func:`_agree_with_children`) takes the
+    child's comparison when :func:`_credit_exporter_fusions` matched the child after all."""
+    by_name = {layer.name: layer for layer in layers}
+    for layer in layers:  # execution order: a child is settled before its parent
+        if layer.status != "unmatched" or not layer.reason.startswith("its output is "):
+            continue
+        child = by_name.get(layer.reason.removeprefix("its output is ").split("'s, which", 1)[0])
+        if child is None or not child.matched or child.metrics is None:
+            continue
+        layer.status, layer.reason_kind = child.status, ""
+        layer.reason = f"its output is {child.name}'s"
+        layer.onnx_value, layer.onnx_node, layer.op_type = child.onnx_value, child.onnx_node, child.op_type
+        layer.metrics = dataclasses.replace(child.metrics, name=layer.name)
+        layer.tolerance, layer.ref_max_abs = child.tolerance, child.ref_max_abs
 
 
 def _load_proto(path: str | Path) -> onnx.ModelProto:
