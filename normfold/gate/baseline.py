@@ -100,7 +100,7 @@ def latency_reference(entry: dict[str, Any], threshold: float) -> dict[str, Any]
     """What a case needs to confirm a regression itself: the stored p50/p90, the artifact, the threshold."""
     if "p50_ms" not in entry:
         return None
-    ref = {k: entry[k] for k in ("p50_ms", "p90_ms", "artifact") if k in entry}
+    ref: dict[str, Any] = {k: entry[k] for k in ("p50_ms", "p90_ms", "artifact") if k in entry}
     ref["threshold"] = threshold
     return ref
 

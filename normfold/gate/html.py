@@ -76,7 +76,8 @@ def layer_plot_png(case: CaseResult) -> bytes | None:
         ax.set_title(f"{case.case_id}: per-layer error (red: out of tolerance)")
         layer_tols = [_layer_atol(r) for r in rows]
         if all(t is not None for t in layer_tols):
-            ax.plot(range(len(rows)), layer_tols, "_", color="#1f2328", markersize=18, label="layer tolerance")
+            tols = [float(t or 0.0) for t in layer_tols]
+            ax.plot(range(len(rows)), tols, "_", color="#1f2328", markersize=18, label="layer tolerance")
             ax.legend(loc="upper left")
         elif case.tolerance.get("atol"):
             ax.axhline(float(case.tolerance["atol"]), color="#9a6700", linestyle="--", linewidth=1, label="atol")

@@ -24,6 +24,7 @@ ONNX side
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -44,9 +45,10 @@ _FX_NAME = re.compile(r"%([\w.]+) :")
 _FX_TARGET = re.compile(r"target=torch\.ops\.aten\.(\w+)\.")
 _INPLACE = frozenset({"add", "sub", "mul", "truediv", "div", "and", "or"})
 
-_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
-_OWN_DIR = str(Path(__file__).resolve().parent)  # the hooks' own calls (clones), not the model's
-_MODULES_DIR = str(Path(_TORCH_DIR) / "nn" / "modules")
+# Trailing separators: ``site-packages/torchvision`` must not pass for ``site-packages/torch``.
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
+_OWN_DIR = str(Path(__file__).resolve().parent) + os.sep  # the hooks' own calls (clones), not the model's
+_MODULES_DIR = str(Path(torch.__file__).resolve().parent / "nn" / "modules") + os.sep
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 _FUNCTIONAL_NAMES = frozenset(dir(torch.nn.functional))
 

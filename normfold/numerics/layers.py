@@ -855,11 +855,11 @@ def compare_layers(
                     reason_kind=REASON_NO_COUNTERPART,
                 )
 
-    wanted = {
-        m.value: calls[order].outputs[j]
-        for (order, j), m in matches.items()
-        if m.value is not None and calls[order].outputs[j] is not None
-    }
+    wanted: dict[str, np.ndarray] = {}
+    for (order, j), m in matches.items():
+        ref = calls[order].outputs[j]
+        if m.value is not None and ref is not None:
+            wanted[m.value] = ref
     for k, value in fvalues.items():
         wanted.setdefault(value, trace.functional[k].output)
     produced, extra = _run_instrumented(proto, g, wanted, inputs, backend, options)

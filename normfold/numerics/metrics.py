@@ -64,7 +64,7 @@ def compare_tensors(name: str, actual: np.ndarray, expected: np.ndarray, tol: To
     a_arr, e_arr = np.asarray(actual), np.asarray(expected)
     shape_ok = a_arr.shape == e_arr.shape
     dtype_ok = a_arr.dtype == e_arr.dtype
-    common = dict(
+    common: dict[str, Any] = dict(
         name=name,
         shape=tuple(a_arr.shape),
         expected_shape=tuple(e_arr.shape),
