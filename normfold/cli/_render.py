@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
     from normfold.numerics.compare import CompareReport
     from normfold.numerics.layers import LayerReport
+    from normfold.numerics.metrics import TensorMetrics
     from normfold.runtime.base import BackendStatus
 
 
@@ -37,6 +38,11 @@ def backends_table(statuses: list[BackendStatus]) -> Table:
             escape(s.reason or s.description),
         )
     return table
+
+
+def _nonfinite(m: TensorMetrics) -> str:
+    """`` (3 non-finite, ref 3)`` when either side holds NaN/Inf: the count belongs in every report."""
+    return f" ({m.nonfinite} non-finite, ref {m.expected_nonfinite})" if m.nonfinite or m.expected_nonfinite else ""
 
 
 def compare_table(report: CompareReport) -> Table:
@@ -67,7 +73,12 @@ def compare_table(report: CompareReport) -> Table:
                 f"{m.cosine:.7f}",
                 num(m.rel_l2),
                 f"{m.mismatch_fraction:.2%}",
-                verdict(m.passed, None if m.passed else f"FAIL {m.reason}"),
+                verdict(m.passed, None if m.passed else f"FAIL {m.reason}")
+                + (
+                    f" ({m.nonfinite} non-finite, ref {m.expected_nonfinite})"
+                    if m.nonfinite or m.expected_nonfinite
+                    else ""
+                ),
             )
     return table
 

@@ -164,6 +164,12 @@ def compare_cmd(
         None, "--seed", help="Seed of the random inputs used without --inputs (default 0; refused for a factory's own)."
     ),
     per_layer: bool = typer.Option(False, "--per-layer", help="Also diff every layer and name the first divergence."),
+    fail_on: str = typer.Option(
+        None, "--fail-on", help="layers | outputs: what decides with --per-layer (default: layers at fp32/tf32)."
+    ),
+    allow_nonfinite: bool = typer.Option(
+        False, "--allow-nonfinite", help="Accept NaN/Inf found at the same place on both sides."
+    ),
     report: Path = typer.Option(None, "--report", help="Write a report: .json, .md or .html (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:
@@ -190,6 +196,8 @@ def compare_cmd(
         rtol=rtol,
         per_layer=per_layer,
         model_name=model_ref,
+        fail_on=fail_on,
+        allow_nonfinite=allow_nonfinite,
     )
     if report:
         from normfold.numerics.reports import write_compare_report

@@ -77,27 +77,54 @@ def resolve_module_path(path: str | None, modules: Collection[str]) -> str | Non
     The TorchScript exporter names a module's second call ``relu_1`` and scopes a child by its name
     relative to an ancestor (``/layer2/downsample/downsample.0/Conv`` reads as
     ``layer2.downsample.downsample.0``). Walking the components, each one is resolved as a child of the
-    path so far, without a ``_N`` call suffix, or as a child of an ancestor; unresolvable components are
-    skipped, so a node always lands in the deepest real module around it. Exact paths pass unchanged.
+    path so far, with or without a ``_N`` call suffix; other components are skipped, so a node always
+    lands in the deepest real module around it, never beside it. Exact paths pass unchanged.
     """
     if path is None or not modules or path in modules:
         return path
     current = ""
     for comp in path.split("."):
         stripped = re.sub(r"_\d+$", "", comp)
-        for base in reversed(module_prefixes(current)):
+        # Only ever descend: a component that is no child of the path so far repeats an ancestor's
+        # name (``downsample`` in ``downsample.downsample.0``) and is skipped. Jumping to a sibling of
+        # an ancestor instead put ``features.1.block.2.0``'s Conv under ``features.0`` (mobilenet_v3).
+        prefix = f"{current}." if current else ""
+        found = next((c for c in (prefix + comp, prefix + stripped) if c in modules), None)
+        if found is not None:
+            current = found
+    return current
+
+
+def _resolve_legacy_scopes(name: str, modules: Collection[str]) -> str:
+    """``/features/features.1/block/block.0/block.0.2/Relu`` → ``features.1.block.0.2`` on real modules.
+
+    Each TorchScript scope is a full path (``features.1``), a child name (``block``), a name relative to
+    an ancestor (``block.0.2`` under ``features.1.block.0`` is ``features.1`` + ``block.0.2``) or a
+    repeated call (``relu_1``). Scopes are resolved whole, only ever descending; splitting them at the dots
+    instead read ``block.0.2`` as ``… .0`` + ``2`` and put a ReLU on its sibling Conv.
+    """
+    current = ""
+    for scope in (s for s in name.split("/")[1:-1] if s):
+        stripped = re.sub(r"_\d+$", "", scope)
+        bases = [current, *reversed(module_prefixes(current)[:-1])] if current else [""]
+        for base in bases:
+            prefix = f"{base}." if base else ""
             found = next(
-                (
-                    c
-                    for c in (f"{base}.{comp}" if base else comp, f"{base}.{stripped}" if base else stripped)
-                    if c in modules
-                ),
-                None,
+                (c for c in (prefix + scope, prefix + stripped) if c in modules and is_ancestor(current, c)), None
             )
-            if found is not None and found != current and not is_ancestor(found, current):
+            if found is not None:
                 current = found
                 break
     return current
+
+
+def resolve_node_path(node: NodeLike, modules: Collection[str]) -> str | None:
+    """:func:`module_path` mapped onto the model's real module paths (see :func:`resolve_module_path`)."""
+    props = _props(node)
+    name = node.name or ""
+    if modules and MODULE_PATH_KEY not in props and DYNAMO_SCOPES_KEY not in props and name.startswith("/"):
+        return _resolve_legacy_scopes(name, modules)
+    return resolve_module_path(module_path(node), modules) if modules else module_path(node)
 
 
 def module_path(node: NodeLike) -> str | None:
@@ -140,7 +167,7 @@ def stamp_module_paths(
         nodes = model.graph.node if isinstance(model, onnx.ModelProto) else model.graph.all_nodes()
     count = 0
     for node in nodes:
-        path = resolve_module_path(module_path(node), modules) if modules else module_path(node)
+        path = resolve_node_path(node, modules)
         if path is not None:
             set_module_path(node, path)
             count += 1

@@ -6,17 +6,20 @@ when the case was benchmarked, its ``p50_ms`` and ``p90_ms``. Later runs compare
 * **Numeric drift**: an output's ``max_abs`` grew beyond ``drift_factor`` × its baseline, where the
   baseline is first raised to a floor of ``drift_floor · atol``. The floor keeps rounding-level noise
   (1e-7 → 3e-7 under ``atol=1e-5``) from reading as drift; a real change to the graph moves errors by
-  orders of magnitude.
-* **Latency regression** (noise-aware): the p50 must exceed the baseline p50 by more than
-  ``latency_regression`` (a fraction) *and* by more than the noise band of both runs, taken as the
-  larger of their p90−p50 spreads. One noisy run on a shared CI machine then does not fail the gate, while
-  a real slowdown larger than the spread does.
+  orders of magnitude. The baseline also keeps every compared layer's ``max_abs``, so a drift names the
+  first layer (execution order) whose error grew the same way: where it started.
+* **Latency regression**: the case measures until its p50 is stable and compares side by side with the
+  baseline's stored model (``<baseline stem>-artifacts/``) or re-measures before it calls a regression
+  (:mod:`normfold.gate.latency`); only a confirmed ``regressed`` verdict fails. Results without a verdict
+  (older callers) fall back to: the p50 exceeds the baseline p50 by more than ``latency_regression`` *and*
+  by more than the larger of both runs' p90−p50 spreads.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +73,36 @@ def baseline_entry(result: CaseResult) -> dict[str, Any]:
         entry["p50_ms"] = result.latency["p50_ms"]
         if "p90_ms" in result.latency:
             entry["p90_ms"] = result.latency["p90_ms"]
+        if result.latency.get("artifact"):
+            entry["artifact"] = str(result.latency["artifact"])
+    if result.layers:
+        entry["layers"] = _layer_errors(result.layers)
     return entry
+
+
+def _layer_errors(layers: dict[str, Any]) -> dict[str, float]:
+    """``max_abs`` of every compared layer, so drift can name where the error started to grow."""
+    return {
+        row["name"]: float(row["max_abs"])
+        for row in layers.get("layers", [])
+        if row.get("status") in ("pass", "fail") and isinstance(row.get("max_abs"), (int, float))
+    }
+
+
+def artifact_path(baseline_path: str | Path, case_id: str) -> Path:
+    """Where ``--update-baseline`` keeps a case's measured model: ``<baseline stem>-artifacts/<case>.onnx``."""
+    p = Path(baseline_path)
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in case_id)
+    return p.with_name(f"{p.stem}-artifacts") / f"{safe}.onnx"
+
+
+def latency_reference(entry: dict[str, Any], threshold: float) -> dict[str, Any] | None:
+    """What a case needs to confirm a regression itself: the stored p50/p90, the artifact, the threshold."""
+    if "p50_ms" not in entry:
+        return None
+    ref: dict[str, Any] = {k: entry[k] for k in ("p50_ms", "p90_ms", "artifact") if k in entry}
+    ref["threshold"] = threshold
+    return ref
 
 
 def update_baseline(results: Sequence[CaseResult], path: str | Path, previous: Baseline | None = None) -> Baseline:
@@ -78,7 +110,10 @@ def update_baseline(results: Sequence[CaseResult], path: str | Path, previous: B
     cases = dict(previous.cases) if previous else {}
     for result in results:
         if result.passed:
-            cases[result.case_id] = baseline_entry(result)
+            entry = baseline_entry(result)
+            if "artifact" in entry:  # relative to the baseline, so the pair can move together
+                entry["artifact"] = os.path.relpath(entry["artifact"], Path(path).resolve().parent)
+            cases[result.case_id] = entry
         else:
             log.info("baseline: %s not stored (%s)", result.case_id, result.status)
     baseline = Baseline(cases=dict(sorted(cases.items())), path=str(path))
@@ -86,8 +121,27 @@ def update_baseline(results: Sequence[CaseResult], path: str | Path, previous: B
     return baseline
 
 
+def drift_origin(result: CaseResult, entry: dict[str, Any], factor: float, floor: float) -> str | None:
+    """The first layer (execution order) whose max_abs grew beyond ``factor`` × max(baseline, floor·atol_eff).
+
+    Layers are judged against their own effective tolerance, so rounding-level noise in a large-valued
+    layer does not read as the origin; None when the baseline has no layers or none grew.
+    """
+    old = entry.get("layers") or {}
+    for row in (result.layers or {}).get("layers", []):
+        name, new = row.get("name"), row.get("max_abs")
+        if name not in old or not isinstance(new, (int, float)):
+            continue
+        atol = float((row.get("tolerance") or {}).get("atol") or result.tolerance.get("atol") or 0.0)
+        reference = max(float(old[name]), floor * atol)
+        if reference > 0 and new > factor * reference:
+            return f"{name} (max_abs {new:.3g} vs baseline {float(old[name]):.3g})"
+    return None
+
+
 def drift_findings(result: CaseResult, entry: dict[str, Any], factor: float, floor: float) -> list[str]:
-    """Outputs whose max_abs grew beyond ``factor`` × max(baseline, floor·atol)."""
+    """Outputs whose max_abs grew beyond ``factor`` × max(baseline, floor·atol), with the layer where the
+    growth started when the baseline recorded layers."""
     findings = []
     atol = float(result.tolerance.get("atol") or entry.get("atol") or 0.0)
     for name, old in (entry.get("outputs") or {}).items():
@@ -100,13 +154,27 @@ def drift_findings(result: CaseResult, entry: dict[str, Any], factor: float, flo
                 f"numeric drift on {name}: max_abs {new['max_abs']:.3g} > {factor:g}× "
                 f"baseline {float(old['max_abs']):.3g}"
             )
+    if findings:
+        origin = drift_origin(result, entry, factor, floor)
+        if origin:
+            findings = [f"{f}; the error starts to grow at layer {origin}" for f in findings]
     return findings
 
 
 def latency_regression(result: CaseResult, entry: dict[str, Any], threshold: float) -> str | None:
-    """A reason when p50 rose beyond ``threshold`` and beyond both runs' noise band, else None."""
+    """A reason when p50 rose beyond ``threshold`` and beyond both runs' noise band, else None.
+
+    A case that confirmed its own suspicion (:mod:`normfold.gate.latency`: measured until stable,
+    re-measured or interleaved with the baseline artifact) carries a ``verdict``; only ``regressed`` fails.
+    """
     if not result.latency or "p50_ms" not in result.latency or "p50_ms" not in entry:
         return None
+    if "verdict" in result.latency:
+        from normfold.gate.latency import describe_regression
+
+        if result.latency["verdict"] != "regressed":
+            return None
+        return describe_regression(result.latency, float(entry["p50_ms"]))
     new_p50, old_p50 = float(result.latency["p50_ms"]), float(entry["p50_ms"])
     spreads = [
         max(0.0, float(run["p90_ms"]) - float(run["p50_ms"])) for run in (result.latency, entry) if "p90_ms" in run

@@ -57,10 +57,14 @@ class CaseSettings(_Strict):
     rtol: float | None = Field(default=None, ge=0)
     outputs: dict[str, OutputTolerance] = Field(default_factory=dict)
     per_layer: bool = True
+    fail_on: Literal["layers", "outputs"] | None = None
+    allow_nonfinite: bool = False
     seed: int | None = None  # None: 0 for random inputs, and a factory's own inputs are used as given
     bench: bool = False
     bench_warmup: int = Field(default=3, ge=0)
     bench_iters: int = Field(default=30, ge=1)
+    bench_stability: float = Field(default=0.10, gt=0, lt=1)
+    bench_threads: int = Field(default=1, ge=1)
     latency_budget_ms: dict[str, float] = Field(default_factory=dict)
     timeout_s: float = Field(default=600.0, gt=0)
 
@@ -127,10 +131,14 @@ class ModelConfig(_Strict):
         return CaseSettings._known_passes(value)
 
     per_layer: bool | None = None
+    fail_on: Literal["layers", "outputs"] | None = None
+    allow_nonfinite: bool | None = None
     seed: int | None = None
     bench: bool | None = None
     bench_warmup: int | None = Field(default=None, ge=0)
     bench_iters: int | None = Field(default=None, ge=1)
+    bench_stability: float | None = Field(default=None, gt=0, lt=1)
+    bench_threads: int | None = Field(default=None, ge=1)
     latency_budget_ms: dict[str, float] | None = None
     timeout_s: float | None = Field(default=None, gt=0)
 

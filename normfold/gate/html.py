@@ -18,6 +18,7 @@ from normfold._format import num
 from normfold.gate.cases import CaseResult, describe_divergence
 from normfold.gate.report import GateReport
 from normfold.io import write_text
+from normfold.numerics.reports import labelled_layers
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def _layer_rows(layers: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def _layer_label(row: dict[str, Any], index: int) -> str:
-    return str(row.get("module") or row.get("name") or row.get("onnx_node") or f"layer {index}")
+    return str(row.get("name") or row.get("module") or row.get("onnx_node") or f"layer {index}")
 
 
 def _layer_failed(row: dict[str, Any]) -> bool:
@@ -75,13 +76,19 @@ def layer_plot_png(case: CaseResult) -> bytes | None:
         ax.set_title(f"{case.case_id}: per-layer error (red: out of tolerance)")
         layer_tols = [_layer_atol(r) for r in rows]
         if all(t is not None for t in layer_tols):
-            ax.plot(range(len(rows)), layer_tols, "_", color="#1f2328", markersize=18, label="layer tolerance")
+            tols = [float(t or 0.0) for t in layer_tols]
+            ax.plot(range(len(rows)), tols, "_", color="#1f2328", markersize=18, label="layer tolerance")
             ax.legend(loc="upper left")
         elif case.tolerance.get("atol"):
             ax.axhline(float(case.tolerance["atol"]), color="#9a6700", linestyle="--", linewidth=1, label="atol")
             ax.legend(loc="upper left")
-        ax.set_xticks(range(len(values)))
-        ax.set_xticklabels([_layer_label(r, i) for i, r in enumerate(rows)], rotation=60, ha="right", fontsize=7)
+        first = (case.first_divergence or {}).get("name")
+        first_index = next((i for i, r in enumerate(rows) if first and r.get("name") == first), None)
+        ratios = [v / t if t else v for v, t in zip(values, layer_tols, strict=True)]
+        shown = labelled_layers(ratios, first_index)
+        ax.set_xticks(shown)
+        ax.set_xticklabels([_layer_label(rows[i], i) for i in shown], rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel(f"{len(rows)} compared layers in execution order (labelled: first divergence, worst)")
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90)
@@ -103,17 +110,19 @@ def _case_section(case: CaseResult) -> str:
     if case.outputs:
         parts.append(
             "<table><tr><th>output</th><th>max abs</th><th>max rel</th><th>cosine</th><th>rel L2</th>"
-            "<th>mismatch</th><th>verdict</th></tr>"
+            "<th>mismatch</th><th>non-finite (ref)</th><th>verdict</th></tr>"
         )
         for name, m in case.outputs.items():
             parts.append(
                 f"<tr><td>{e(name)}</td><td class=num>{num(m['max_abs'])}</td><td class=num>{num(m['max_rel'])}</td>"
                 f"<td class=num>{m['cosine']:.7f}</td><td class=num>{num(m['rel_l2'])}</td>"
                 f"<td class=num>{m['mismatch_fraction']:.2%}</td>"
+                f"<td class=num>{m.get('nonfinite', 0)} ({m.get('expected_nonfinite', 0)})</td>"
                 f"<td>{'ok' if m['passed'] else e('FAIL ' + m['reason'])}</td></tr>"
             )
         parts.append("</table>")
-    png = layer_plot_png(case)
+    # Plots where they explain something (a failure or a masked divergence); every case keeps its table.
+    png = layer_plot_png(case) if (case.failing or case.first_divergence) else None
     if png is not None:
         data = base64.b64encode(png).decode("ascii")
         parts.append(f"<p><img alt='per-layer error of {e(case.case_id)}' src='data:image/png;base64,{data}'></p>")

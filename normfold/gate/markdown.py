@@ -20,6 +20,9 @@ def _row(case: CaseResult) -> str:
     p50 = case.latency.get("p50_ms") if case.latency else None
     opt = case.optimize_summary()
     reason = case.reason if case.status != "passed" else "; ".join([opt] * bool(opt) + case.notes)
+    nonfinite = case.nonfinite_summary()
+    if nonfinite:
+        reason = f"{nonfinite}; {reason}" if reason else nonfinite
     cells = [
         case.model,
         case.backend,

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from normfold.errors import ConfigError, NormfoldError
-from normfold.gate.baseline import Baseline, apply_baseline, load_baseline, update_baseline
+from normfold.gate.baseline import (
+    Baseline,
+    apply_baseline,
+    artifact_path,
+    latency_reference,
+    load_baseline,
+    update_baseline,
+)
 from normfold.gate.cases import CaseResult, CaseSpec, probe_reason
 from normfold.gate.config import EXECUTORS, GateConfig, load_config
 from normfold.gate.executors import run_cases
@@ -24,7 +31,12 @@ DEFAULT_BASELINE = "normfold-baseline.json"
 
 
 def plan_cases(
-    config: GateConfig, *, require: list[str] | None = None, baseline: Baseline | None = None, update: bool = False
+    config: GateConfig,
+    *,
+    require: list[str] | None = None,
+    baseline: Baseline | None = None,
+    update: bool = False,
+    baseline_path: Path | None = None,
 ) -> list[CaseSpec]:
     """Expand every model × backend × precision into a :class:`CaseSpec` (ids are unique and stable)."""
     required = set(config.require) | set(require or [])
@@ -45,8 +57,12 @@ def plan_cases(
                         f"{config.source}: two models produce case {case_id}; give them distinct 'name' keys"
                     )
                 seen.add(case_id)
-                has_baseline_latency = bool(baseline and "p50_ms" in baseline.cases.get(case_id, {}))
+                entry = baseline.cases.get(case_id, {}) if baseline else {}
+                has_baseline_latency = "p50_ms" in entry
                 bench = settings.bench or backend in settings.latency_budget_ms or update or has_baseline_latency
+                latency_ref = latency_reference(entry, config.latency_regression) if not update else None
+                if latency_ref and latency_ref.get("artifact") and baseline is not None:
+                    latency_ref["artifact"] = str(Path(baseline.path).parent / latency_ref["artifact"])
                 specs.append(
                     CaseSpec(
                         case_id=case_id,
@@ -61,6 +77,8 @@ def plan_cases(
                         inputs_npz=_abs(config, model.inputs_npz),
                         required=backend in required,
                         bench=bench,
+                        latency_baseline=latency_ref,
+                        artifact_out=str(artifact_path(baseline_path, case_id)) if update and baseline_path else None,
                     )
                 )
     return specs
@@ -135,7 +153,9 @@ def run_gate(
     if update_baseline_file and baseline_path is None:
         baseline_path = config.base_dir / DEFAULT_BASELINE
     previous = load_baseline(baseline_path) if baseline_path is not None else None
-    specs = plan_cases(config, require=require, baseline=previous, update=update_baseline_file)
+    specs = plan_cases(
+        config, require=require, baseline=previous, update=update_baseline_file, baseline_path=baseline_path
+    )
     reports = _report_paths(config, junit=junit, summary=summary, html=html, json_path=json_path)
     for kind, path in reports.items():  # before minutes of cases, not after
         check_output(path, inputs=[config.path, baseline_path], flag=kind)

@@ -67,8 +67,9 @@ import torch
 from torch import nn
 
 from normfold.errors import InputSpecError, OnnxLoadError
-from normfold.exporter.provenance import is_ancestor, module_path, module_prefixes, resolve_module_path
+from normfold.exporter.provenance import is_ancestor, module_prefixes, resolve_node_path
 from normfold.io import save_onnx
+from normfold.numerics.functional import FunctionalCall, match_functional, record_functional
 from normfold.numerics.metrics import TensorMetrics, compare_tensors
 from normfold.numerics.tolerances import Tolerance
 from normfold.onnx_files import PROTOBUF_LIMIT, data_file_name, has_external_data, read_graph
@@ -119,7 +120,7 @@ def layer_tolerance(tol: Tolerance, reference: np.ndarray | float) -> Tolerance:
     ``reference`` is the eager tensor of the layer, or already its ``max|ref|``.
     """
     magnitude = float(reference) if isinstance(reference, (float, int)) else max_magnitude(reference)
-    return Tolerance(atol=tol.atol + tol.rtol * magnitude, rtol=tol.rtol, min_cosine=tol.min_cosine)
+    return dataclasses.replace(tol, atol=tol.atol + tol.rtol * magnitude)
 
 
 @dataclass
@@ -146,6 +147,7 @@ class LayerResult:
     ref_max_abs: float | None = None
     inputs_from: list[str] = field(default_factory=list)
     absorbed: list[str] = field(default_factory=list)
+    kind: Literal["module", "functional"] = "module"
 
     @property
     def matched(self) -> bool:
@@ -194,6 +196,7 @@ class LayerResult:
             "max_rel": self.max_rel,
             "inputs_from": list(self.inputs_from),
             "absorbed": list(self.absorbed),
+            "kind": self.kind,
         }
 
 
@@ -241,6 +244,10 @@ class LayerReport:
     layers: list[LayerResult] = field(default_factory=list)
     extra_outputs: int = 0
     tolerance_rule: str = "atol_eff = atol + rtol·max|ref_layer|, rtol as given"
+    #: The graph outputs of the same (instrumented) run, by name: the output comparison reuses them.
+    outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    functional_calls: int = 0
+    functional_matched: int = 0
 
     @property
     def first_divergence(self) -> FirstDivergence | None:
@@ -255,7 +262,9 @@ class LayerReport:
 
     @property
     def counts(self) -> dict[str, int]:
-        statuses = [layer.status for layer in self.layers]
+        """Module rows by status (the matching quality), and the functional rows beside them."""
+        statuses = [layer.status for layer in self.layers if layer.kind == "module"]
+        functional = [layer.status for layer in self.layers if layer.kind == "functional"]
         return {
             "layers": len(statuses),
             "matched": sum(s in ("pass", "fail") for s in statuses),
@@ -263,6 +272,8 @@ class LayerReport:
             "failed": statuses.count("fail"),
             "fused": statuses.count("fused"),
             "unmatched": statuses.count("unmatched"),
+            "functional": len(functional),
+            "functional_failed": functional.count("fail"),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,6 +286,7 @@ class LayerReport:
             "tolerance_rule": self.tolerance_rule,
             "extra_outputs": self.extra_outputs,
             "counts": self.counts,
+            "functional": {"calls": self.functional_calls, "matched": self.functional_matched},
             "first_divergence": None if first is None else first.to_dict(),
             "layers": [layer.to_dict() for layer in self.layers],
         }
@@ -327,6 +339,8 @@ class EagerTrace:
     input_ids: list[int]
     never_called: list[str]
     modules: frozenset[str] = frozenset()
+    #: Functional ops called in user forwards (:mod:`normfold.numerics.functional`), in execution order.
+    functional: list[FunctionalCall] = field(default_factory=list)
 
     @property
     def outputs(self) -> list[np.ndarray]:
@@ -385,13 +399,13 @@ def trace_eager(module: nn.Module, inputs: Sequence[torch.Tensor]) -> EagerTrace
     # One global hook instead of one per module: same calls, a fraction of the registration and dispatch cost.
     handle = torch.nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), record_functional(paths, lambda: len(calls)) as functional:
             module(*args)
     finally:
         handle.remove()
     keep_alive.clear()
     never = [path for path, _ in named if path not in counts]
-    return EagerTrace(calls, producer, input_ids, never, frozenset(path for path, _ in named))
+    return EagerTrace(calls, producer, input_ids, never, frozenset(path for path, _ in named), functional)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -420,7 +434,7 @@ class _Graph:
 
     def __init__(self, graph: onnx.GraphProto, modules: frozenset[str] = frozenset()) -> None:
         self.nodes: list[onnx.NodeProto] = list(graph.node)
-        self.paths = [resolve_module_path(module_path(n), modules) for n in self.nodes]
+        self.paths = [resolve_node_path(n, modules) for n in self.nodes]
         self.by_module: dict[str, list[int]] = {}
         for i, p in enumerate(self.paths):
             if p is None:
@@ -616,6 +630,7 @@ def _value_of_tensor(
     g: _Graph,
     matches: dict[tuple[int, int], _Match],
     before: int,
+    tracked: dict[int, str] | None = None,
 ) -> str | None:
     """The ONNX value carrying an eager tensor: a graph input or the matched output of an earlier call."""
     if tensor_id in input_ids:
@@ -623,7 +638,9 @@ def _value_of_tensor(
         return g.graph_inputs[i] if i < len(g.graph_inputs) else None
     src = _source_call(tensor_id, calls, producer, before)
     m = None if src is None else matches.get(src)
-    return None if m is None else m.value
+    if m is not None and m.value is not None:
+        return m.value
+    return (tracked or {}).get(tensor_id)  # the output of a matched functional op
 
 
 def _absorber(
@@ -669,8 +686,12 @@ def _resolve_nodeless(
     producer: dict[int, tuple[int, int]],
     input_ids: list[int],
     matches: dict[tuple[int, int], _Match],
+    tracked: dict[int, str] | None = None,
 ) -> None:
-    """Give a match or a reason to every (call, output) of a module that owns no ONNX node."""
+    """Give a match or a reason to every (call, output) of a module that owns no ONNX node.
+
+    ``tracked`` maps tensor ids of matched functional-op outputs to their ONNX values, so a Dropout or
+    Identity fed by ``F.gelu(x)`` is compared at the Gelu's value instead of "untracked ops"."""
     last_call = {c.path: c.order for c in calls}
     for c in calls:
         for j, out in enumerate(c.outputs):
@@ -685,21 +706,31 @@ def _resolve_nodeless(
             if c.path == "":
                 continue  # handled by the root match
             if c.returns_input:
-                value = _value_of_tensor(c.output_ids[j], calls, producer, input_ids, g, matches, c.order)
+                value = _value_of_tensor(c.output_ids[j], calls, producer, input_ids, g, matches, c.order, tracked)
                 if value is not None:
                     matches[key] = _Match(value=value, status="pass", alias_of=value)
                     continue
             inputs = [
                 v
-                for v in (_value_of_tensor(t, calls, producer, input_ids, g, matches, c.order) for t in c.input_ids)
+                for v in (
+                    _value_of_tensor(t, calls, producer, input_ids, g, matches, c.order, tracked) for t in c.input_ids
+                )
                 if v is not None
             ]
             found = _absorber(g, c.path, inputs, last_call, c.order) if inputs else None
             if found is None:
+                feeder = next(
+                    (src for src in (_source_call(t, calls, producer, c.order) for t in c.input_ids) if src), None
+                )
+                untracked = (
+                    f"its input comes from {calls[feeder[0]].path or _ROOT_LABEL}, which has no ONNX value of its own"
+                    if feeder is not None
+                    else "its inputs come from untracked ops"
+                )
                 why = (
                     "its nodes are not in the graph and no later sibling or parent consumes its inputs"
                     if inputs
-                    else "its nodes are not in the graph and its inputs come from untracked ops"
+                    else f"its nodes are not in the graph and {untracked}"
                 )
                 matches[key] = _Match(reason=f"{REASON_NO_COUNTERPART}: {why}", reason_kind=REASON_NO_COUNTERPART)
                 continue
@@ -712,6 +743,54 @@ def _resolve_nodeless(
                 )
             else:
                 matches[key] = _Match(status="fused", fused_into=owner, reason=f"{node.op_type} {node.name!r}")
+
+
+def _agree_with_children(
+    calls: list[_Call], producer: dict[int, tuple[int, int]], matches: dict[tuple[int, int], _Match]
+) -> None:
+    """Provenance checked from the eager side: a module that returns a tensor one of its descendants
+    returned must be compared at that descendant's value, or not at all.
+
+    The graph side alone picks "the last node under the module's path", which is a wrong value when
+    the exporter lost or misplaced the provenance of the nodes that really end the module (a
+    TorchScript mobilenet_v3 block compared its squeeze-excitation Mul, error 7.4, as its output). The
+    eager trace knows which call produced each tensor, so the parent follows its child: the same value
+    when the child is matched, "not matched" with the child's reason when it is not. A child inlined
+    into a fused op of this very parent leaves the parent's own match alone (that op computes both).
+    """
+    for c in calls:
+        if c.path == "":
+            continue
+        for j, tensor_id in enumerate(c.output_ids):
+            key = (c.order, j)
+            if tensor_id == 0 or key not in matches or c.returns_input:
+                continue
+            src = _source_call(tensor_id, calls, producer, c.order)
+            if src is None or not is_ancestor(c.path, calls[src[0]].path):
+                continue
+            mine_ref, child_ref = c.outputs[j], calls[src[0]].outputs[src[1]]
+            if mine_ref is None or child_ref is None or not np.array_equal(mine_ref, child_ref, equal_nan=True):
+                continue  # the same tensor object, changed in place afterwards (``out += identity``)
+            child, mine = matches.get(src), matches[key]
+            if child is None:
+                continue
+            if child.value is not None:
+                if mine.value != child.value:
+                    matches[key] = dataclasses.replace(child, alias_of="")
+                continue
+            if (
+                child.reason_kind == REASON_INLINED
+                and child.fused_into is not None
+                and (child.fused_into == c.path or is_ancestor(child.fused_into, c.path))
+            ):
+                continue
+            if child.status == "fused":
+                continue
+            name = calls[src[0]].path
+            matches[key] = _Match(
+                reason=f"its output is {name}'s, which is not matched ({child.reason_kind or child.reason})",
+                reason_kind=child.reason_kind or REASON_NO_COUNTERPART,
+            )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -757,7 +836,10 @@ def compare_layers(
             f"the ONNX model takes {len(g.graph_inputs)} inputs {g.graph_inputs}, the eager model {len(inputs)}"
         )
     matches = _match_calls(g, calls)
-    _resolve_nodeless(g, calls, producer, input_ids, matches)
+    fvalues = match_functional(trace.functional, g.nodes, g.paths, g.fits)
+    tracked = {trace.functional[k].output_id: value for k, value in fvalues.items()}
+    _resolve_nodeless(g, calls, producer, input_ids, matches, tracked)
+    _agree_with_children(calls, producer, matches)
     root_outputs = list(g.graph_outputs)
     for c in calls:
         if c.path != "":
@@ -773,24 +855,35 @@ def compare_layers(
                     reason_kind=REASON_NO_COUNTERPART,
                 )
 
-    wanted = {
-        m.value: calls[order].outputs[j]
-        for (order, j), m in matches.items()
-        if m.value is not None and calls[order].outputs[j] is not None
-    }
+    wanted: dict[str, np.ndarray] = {}
+    for (order, j), m in matches.items():
+        ref = calls[order].outputs[j]
+        if m.value is not None and ref is not None:
+            wanted[m.value] = ref
+    for k, value in fvalues.items():
+        wanted.setdefault(value, trace.functional[k].output)
     produced, extra = _run_instrumented(proto, g, wanted, inputs, backend, options, Path(onnx_path))
     report = LayerReport(backend=backend.name, onnx_path=str(onnx_path), tolerance=tol, extra_outputs=extra)
+    report.outputs = {name: produced[name] for name in g.graph_outputs if name in produced}
+    report.functional_calls, report.functional_matched = len(trace.functional), len(fvalues)
+    fnames = {call.output_id: call.name for call in trace.functional}
     n_calls: dict[str, int] = {}
     for c in calls:
         n_calls[c.path] = n_calls.get(c.path, 0) + 1
     names = {(c.order, j): _display_name(c, j, n_calls) for c in calls for j in range(len(c.outputs))}
+    functional = _functional_layers(trace, fvalues, produced, tol, g)
+    for rows in functional.values():
+        for row, call in rows:
+            pseudo = _Call("", "", 0, call.after_call, [], [], call.input_ids, False)
+            row.inputs_from = _input_sources(pseudo, calls, producer, input_ids, names, g, fnames)
     absorbed: dict[str, list[str]] = {}
     for (order, j), m in sorted(matches.items()):
         if m.status == "fused" and m.fused_into is not None:
             absorbed.setdefault(m.fused_into, []).append(names[(order, j)])
     seen: dict[str, list[tuple[np.ndarray, LayerResult]]] = {}
     for c in calls:
-        sources = _input_sources(c, calls, producer, input_ids, names, g)
+        report.layers.extend(row for row, _ in functional.pop(c.order, []))
+        sources = _input_sources(c, calls, producer, input_ids, names, g, fnames)
         for j, ref in enumerate(c.outputs):
             m = matches.get((c.order, j), _Match(reason=REASON_NO_COUNTERPART, reason_kind=REASON_NO_COUNTERPART))
             layer = LayerResult(
@@ -812,7 +905,10 @@ def compare_layers(
             if m.value is not None and ref is not None:
                 _fill_metrics(layer, m, ref, produced, tol, g, seen)
             report.layers.append(layer)
+    for rest in functional.values():
+        report.layers.extend(row for row, _ in rest)
     _credit_exporter_fusions(report.layers, calls, produced, tol)
+    _follow_credited(report.layers)
     for path in never:
         sub = module.get_submodule(path)
         report.layers.append(
@@ -840,8 +936,10 @@ def _input_sources(
     input_ids: list[int],
     names: dict[tuple[int, int], str],
     g: _Graph,
+    fnames: dict[int, str],
 ) -> list[str]:
-    """Where each input tensor of a call came from: a graph input, an earlier layer, or untracked ops."""
+    """Where each input tensor of a call came from: a graph input, an earlier layer, a functional op
+    (``fnames`` by tensor id), or untracked ops."""
     sources = []
     for t in c.input_ids:
         if t in input_ids:
@@ -849,8 +947,52 @@ def _input_sources(
             sources.append(f"input {g.graph_inputs[idx]}" if idx < len(g.graph_inputs) else "input")
             continue
         src = _source_call(t, calls, producer, c.order)
-        sources.append(names[src] if src is not None else f"ops of {_parent(c.path) or _ROOT_LABEL}")
+        if src is not None:
+            sources.append(names[src])
+        else:
+            sources.append(fnames.get(t) or f"ops of {_parent(c.path) or _ROOT_LABEL}")
     return sources
+
+
+def _functional_layers(
+    trace: EagerTrace, fvalues: dict[int, str], produced: dict[str, np.ndarray], tol: Tolerance, g: _Graph
+) -> dict[int, list[tuple[LayerResult, FunctionalCall]]]:
+    """A compared row per matched functional call, keyed by the module call it precedes."""
+    rows: dict[int, list[tuple[LayerResult, FunctionalCall]]] = {}
+    for k, value in sorted(fvalues.items()):
+        call = trace.functional[k]
+        actual = produced.get(value)
+        if actual is None or tuple(np.shape(actual)) != tuple(call.output.shape):
+            continue
+        node = g.producer_node(value)
+        magnitude = max_magnitude(call.output)
+        tolerance = layer_tolerance(tol, magnitude)
+        metrics = compare_tensors(call.name, actual, call.output, tolerance)
+        rows.setdefault(call.after_call, []).append(
+            (
+                LayerResult(
+                    name=call.name,
+                    module=call.owner,
+                    module_type=call.op,
+                    call=call.index,
+                    output_index=0,
+                    order=call.after_call,
+                    depth=_depth(call.owner) + 1,
+                    status="pass" if metrics.passed else "fail",
+                    reason=f"functional op at {call.file}:{call.line}",
+                    onnx_value=value,
+                    onnx_node=None if node is None else node.name,
+                    op_type=None if node is None else node.op_type,
+                    shape=tuple(call.output.shape),
+                    tolerance=tolerance,
+                    metrics=metrics,
+                    ref_max_abs=magnitude,
+                    kind="functional",
+                ),
+                call,
+            )
+        )
+    return rows
 
 
 def _run_instrumented(
@@ -942,7 +1084,9 @@ def _run_copy(
         else:
             save_onnx(proto, path)  # external data beside it
         with backend.load(path, opts) as runner:
-            run_feeds = {meta.name: feeds[meta.name] for meta in runner.inputs if meta.name in feeds}
+            run_feeds = {
+                meta.name: _cast_float(feeds[meta.name], meta.dtype) for meta in runner.inputs if meta.name in feeds
+            }
             if len(run_feeds) != len(runner.inputs):
                 raise InputSpecError(
                     f"the instrumented model takes inputs {runner.input_names}, the graph declares {sorted(feeds)}"
@@ -951,6 +1095,14 @@ def _run_copy(
     finally:
         path.unlink(missing_ok=True)
         path.with_name(data_file_name(path)).unlink(missing_ok=True)
+
+
+def _cast_float(arr: np.ndarray, dtype: Any) -> np.ndarray:
+    """Cast between float types only (an fp16 model takes fp16 feeds); never touch integer inputs."""
+    target = np.dtype(dtype) if dtype is not None else arr.dtype
+    if arr.dtype != target and np.issubdtype(arr.dtype, np.floating) and np.issubdtype(target, np.floating):
+        return arr.astype(target)
+    return arr
 
 
 def _fill_metrics(
@@ -1046,6 +1198,23 @@ def _credit_exporter_fusions(
             layer.reason = f"{layer.op_type} {layer.onnx_node!r} computes {nxt.name} (the exporter fused them)"
             layer.onnx_value, layer.metrics, layer.tolerance = None, None, None
             break
+
+
+def _follow_credited(layers: list[LayerResult]) -> None:
+    """A parent left unmatched because its child was (see :func:`_agree_with_children`) takes the
+    child's comparison when :func:`_credit_exporter_fusions` matched the child after all."""
+    by_name = {layer.name: layer for layer in layers}
+    for layer in layers:  # execution order: a child is settled before its parent
+        if layer.status != "unmatched" or not layer.reason.startswith("its output is "):
+            continue
+        child = by_name.get(layer.reason.removeprefix("its output is ").split("'s, which", 1)[0])
+        if child is None or not child.matched or child.metrics is None:
+            continue
+        layer.status, layer.reason_kind = child.status, ""
+        layer.reason = f"its output is {child.name}'s"
+        layer.onnx_value, layer.onnx_node, layer.op_type = child.onnx_value, child.onnx_node, child.op_type
+        layer.metrics = dataclasses.replace(child.metrics, name=layer.name)
+        layer.tolerance, layer.ref_max_abs = child.tolerance, child.ref_max_abs
 
 
 def _load_proto(path: str | Path) -> onnx.ModelProto:

@@ -2,7 +2,12 @@
 
 ``max_rel`` is taken only over elements whose reference magnitude exceeds ``atol`` (elsewhere relative
 error is noise over zero). ``mismatch_fraction`` is the share of elements failing
-``|a-b| <= atol + rtol·|b|``. NaNs count as mismatches unless both sides are NaN at the same place.
+``|a-b| <= atol + rtol·|b|``.
+
+Non-finite values (NaN, ±Inf) are counted on each side (``nonfinite``, ``expected_nonfinite``). One on one
+side only, or a different one on each side, always fails. The same one at the same place on both sides
+also fails unless the tolerance allows it (``allow_nonfinite``): a NaN that both runtimes produce means the
+inputs never exercised the model, which is not a pass.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ class TensorMetrics:
     rtol: float
     passed: bool
     reason: str = ""
+    nonfinite: int = 0
+    expected_nonfinite: int = 0
+    #: The absolute tolerance actually applied when it was scaled by the tensor's magnitude (outputs).
+    atol_eff: float | None = None
 
     def __bool__(self) -> bool:
         return self.passed
@@ -55,7 +64,7 @@ def compare_tensors(name: str, actual: np.ndarray, expected: np.ndarray, tol: To
     a_arr, e_arr = np.asarray(actual), np.asarray(expected)
     shape_ok = a_arr.shape == e_arr.shape
     dtype_ok = a_arr.dtype == e_arr.dtype
-    common = dict(
+    common: dict[str, Any] = dict(
         name=name,
         shape=tuple(a_arr.shape),
         expected_shape=tuple(e_arr.shape),
@@ -93,13 +102,19 @@ def compare_tensors(name: str, actual: np.ndarray, expected: np.ndarray, tol: To
             passed=dtype_ok,
             reason="" if dtype_ok else f"dtype {a_arr.dtype} != expected {e_arr.dtype}",
         )
+    nonfinite = expected_nonfinite = matching_nonfinite = 0
     if not (np.isfinite(a).all() and np.isfinite(e).all()):
-        # Slow path: NaN equals NaN at the same place; any other non-finite difference is a mismatch.
-        both_nan = np.isnan(a) & np.isnan(e)
-        a, e = np.where(both_nan, 0.0, a), np.where(both_nan, 0.0, e)
+        # Slow path: the same NaN/Inf at the same place is "matching"; anything else non-finite differs.
+        a_bad, e_bad = ~np.isfinite(a), ~np.isfinite(e)
+        nonfinite, expected_nonfinite = int(np.count_nonzero(a_bad)), int(np.count_nonzero(e_bad))
+        same = (np.isnan(a) & np.isnan(e)) | (a_bad & e_bad & (a == e))
+        matching_nonfinite = int(np.count_nonzero(same))
+        a, e = np.where(same, 0.0, a), np.where(same, 0.0, e)
         with np.errstate(invalid="ignore"):
             diff = np.abs(a - e)
         diff = np.where(np.isnan(diff), np.inf, diff)
+        if not tol.allow_nonfinite:
+            diff = np.where(same, np.inf, diff)
     else:
         diff = np.abs(a - e)
     abs_e = np.abs(e)
@@ -119,6 +134,11 @@ def compare_tensors(name: str, actual: np.ndarray, expected: np.ndarray, tol: To
         l2 = float(np.sqrt(np.sum(diff * diff)))
         rel_l2 = l2 / ne if ne > 0 else (0.0 if na == 0 else float("inf"))
     reasons = []
+    one_sided = max(nonfinite, expected_nonfinite) - matching_nonfinite
+    if one_sided > 0:
+        reasons.append(f"non-finite values differ ({nonfinite} in the result, {expected_nonfinite} in the reference)")
+    if matching_nonfinite and not tol.allow_nonfinite:
+        reasons.append(f"{matching_nonfinite} NaN/Inf on both sides (allow them explicitly with allow_nonfinite)")
     if not dtype_ok:
         reasons.append(f"dtype {a_arr.dtype} != expected {e_arr.dtype}")
     if mismatch > 0:
@@ -135,4 +155,6 @@ def compare_tensors(name: str, actual: np.ndarray, expected: np.ndarray, tol: To
         mismatch_fraction=mismatch,
         passed=not reasons,
         reason="; ".join(reasons),
+        nonfinite=nonfinite,
+        expected_nonfinite=expected_nonfinite,
     )

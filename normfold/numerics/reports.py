@@ -111,18 +111,20 @@ def compare_report_markdown(report: CompareReport) -> str:
         f"ONNX `{_md(report.onnx_path)}` · {report.precision}: {report.tolerance.describe()} · "
         f"inputs: {_md(report.input_source)}",
         "",
-        "| backend | output | shape | max abs | max rel | cosine | verdict |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- |",
+        "| backend | output | shape | max abs | max rel | cosine | non-finite (ref) | verdict |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, b in report.backends.items():
         if not b.outputs:
-            lines.append(f"| {name} | – | – | – | – | – | {_md(_backend_line(b))} |")
+            lines.append(f"| {name} | – | – | – | – | – | – | {_md(_backend_line(b))} |")
         for out_name, m in b.outputs.items():
             v = "pass" if m.passed else f"**FAIL** {_md(m.reason)}"
             lines.append(
                 f"| {name} | {_md(out_name)} | {_shape(m.shape)} | {num(m.max_abs)} | {num(m.max_rel)} | "
-                f"{m.cosine:.7f} | {v} |"
+                f"{m.cosine:.7f} | {m.nonfinite} ({m.expected_nonfinite}) | {v} |"
             )
+        if b.layers is not None and b.reason and b.outputs:
+            lines.append(f"| {name} | layers | | | | | | {_md(b.reason)} |")
     for name, lr in _layer_reports(report):
         c = lr.counts
         lines += [
@@ -166,6 +168,24 @@ def compare_report_markdown(report: CompareReport) -> str:
 # Plot and HTML
 
 
+#: How many of the worst layers a plot names besides the first divergence; the table lists them all.
+PLOT_LABELS = 8
+
+
+def labelled_layers(ratios: list[float], first: int | None, worst: int = PLOT_LABELS) -> list[int]:
+    """Indices a per-layer plot names: the first divergence and the ``worst`` largest error÷tolerance.
+
+    A real model has hundreds of layers; one tick label each overlaps into an unreadable band. What
+    a reader needs from the plot is where it went wrong and how bad the worst layers are; every other
+    layer is in the table next to it.
+    """
+    ranked = sorted(range(len(ratios)), key=lambda i: -ratios[i] if math.isfinite(ratios[i]) else -math.inf)
+    chosen = set(ranked[:worst])
+    if first is not None:
+        chosen.add(first)
+    return sorted(chosen)
+
+
 def plot_layer_errors(layers: LayerReport, title: str = "") -> bytes:
     """PNG of max-abs error and its tolerance along the compared layers (execution order, log scale)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -198,9 +218,11 @@ def plot_layer_errors(layers: LayerReport, title: str = "") -> bytes:
                 fontsize=8,
                 color="#d62728",
             )
-        step = max(1, len(compared) // 24)
-        ax.set_xticks(xs[::step])
-        ax.set_xticklabels([compared[i].name for i in xs[::step]], rotation=60, ha="right", fontsize=7)
+        first_index = None if fd is None else next(i for i, layer in enumerate(compared) if layer.name == fd.name)
+        shown = labelled_layers([e / t if t > 0 else math.inf for e, t in zip(errs, tols, strict=True)], first_index)
+        ax.set_xticks(shown)
+        ax.set_xticklabels([compared[i].name for i in shown], rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel(f"{len(compared)} compared layers in execution order (labelled: first divergence, worst)")
         ax.legend(fontsize=7, loc="upper left")
     else:
         ax.text(0.5, 0.5, "no layer could be compared", ha="center", va="center", transform=ax.transAxes)

@@ -33,8 +33,9 @@ def test_zoo_model_optimizes_and_matches_eager(name: str, exporter: str, opset: 
     report = optimize(src, dst)
     assert report.verification is not None and report.verification.passed
     assert not report.verification.disabled, report.verification.disabled
-    result = compare(loaded, dst)
-    assert result.passed, result.to_dict()
+    result = compare(loaded, dst, per_layer=True)  # layers decide at fp32: no layer may false-alarm either
+    assert result.fail_on == "layers"
+    assert result.passed, result.backends["ort-cpu"].reason
     if "BatchNormalization" in report.ops_before:
         # every zoo BN is inference-mode with constant statistics after a foldable layer
         assert "BatchNormalization" not in report.ops_after, report.to_dict()["rules"]

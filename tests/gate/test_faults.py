@@ -114,7 +114,7 @@ def test_each_fault_fails_the_gate_at_default_tolerances(fault_report, name: str
     case = next(c for c in fault_report.cases if c.model == name)
     assert case.status == "failed", (case.status, case.reason)
     assert case.stage == "compare"
-    assert case.tolerance == {"atol": 1e-5, "rtol": 1e-4, "min_cosine": None}
+    assert case.tolerance == {"atol": 1e-5, "rtol": 1e-4, "min_cosine": None, "allow_nonfinite": False}
     assert "out of tolerance" in case.reason
     assert case.max_abs is not None and case.max_abs > 1e-4
 

@@ -1,4 +1,5 @@
-"""A diverging layer that a ReLU masks keeps the output verdict but is named in the reason."""
+"""A diverging layer that a ReLU masks fails by default at fp32 (layers decide) and is named; with
+``fail_on="outputs"`` the output verdict stands and the layer is still named in the reason."""
 
 from __future__ import annotations
 
@@ -38,9 +39,16 @@ def test_masked_fault_is_reported_without_failing_the_outputs(tmp_path: Path) ->
     bias.CopyFrom(numpy_helper.from_array(values, bias.name))
     onnx.save(proto, str(res.path))
 
-    report = compare(model, res.path, [x], per_layer=True)
+    report = compare(model, res.path, [x], per_layer=True, fail_on="outputs")
     ort = report.backends["ort-cpu"]
     assert report.passed  # the outputs really are identical
+    assert all(m.passed for m in ort.outputs.values())
     assert ort.layers.first_divergence is not None
     assert ort.layers.first_divergence.module == "conv"
     assert "layer conv diverges" in ort.reason
+
+    strict = compare(model, res.path, [x], per_layer=True)  # the default at fp32: layers decide
+    ort = strict.backends["ort-cpu"]
+    assert strict.fail_on == "layers" and not strict.passed and ort.status == "failed"
+    assert all(m.passed for m in ort.outputs.values())  # still: the outputs alone would pass
+    assert ort.reason.startswith("layer conv out of tolerance") and "masked downstream" in ort.reason

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -46,7 +48,37 @@ def test_shape_dtype_and_nan() -> None:
     nan = ref.copy()
     nan[0, 0] = np.nan
     assert not compare_tensors("y", nan, ref, TOL).passed
-    assert compare_tensors("y", nan, nan.copy(), TOL).passed  # NaN where the reference has NaN
+    # NaN where the reference has NaN: the inputs never exercised that element, so it fails unless allowed.
+    both = compare_tensors("y", nan, nan.copy(), TOL)
+    assert not both.passed and "NaN/Inf on both sides" in both.reason
+    assert (both.nonfinite, both.expected_nonfinite) == (1, 1)
+    assert compare_tensors("y", nan, nan.copy(), dataclasses.replace(TOL, allow_nonfinite=True)).passed
+
+
+@pytest.mark.parametrize(
+    ("actual", "expected", "allowed_passes"),
+    [
+        ([np.nan, 1.0], [1.0, 1.0], False),  # one side only
+        ([1.0, 1.0], [np.nan, 1.0], False),
+        ([np.inf, 1.0], [-np.inf, 1.0], False),  # different infinities
+        ([np.nan, 1.0], [np.inf, 1.0], False),
+        ([np.inf, 1.0], [np.inf, 1.0], True),  # the same infinity at the same place
+        ([np.nan, np.nan], [np.nan, np.nan], True),
+    ],
+)
+def test_nonfinite_values_are_counted_and_judged(
+    actual: list[float], expected: list[float], allowed_passes: bool
+) -> None:
+    a, e = np.array(actual, np.float32), np.array(expected, np.float32)
+    strict = compare_tensors("y", a, e, TOL)
+    assert not strict.passed  # never a silent pass, whatever the values
+    assert strict.nonfinite == int((~np.isfinite(a)).sum()) and strict.expected_nonfinite == int(
+        (~np.isfinite(e)).sum()
+    )
+    allowed = compare_tensors("y", a, e, dataclasses.replace(TOL, allow_nonfinite=True))
+    assert allowed.passed is allowed_passes
+    if not allowed_passes:
+        assert "non-finite values differ" in allowed.reason
 
 
 def test_cosine_floor_applies_for_low_precision() -> None:
