@@ -303,8 +303,8 @@ def _bench_torch(
         fn = module
         load_ns = 0
         if torch_compile:
-            kwargs = {"backend": torch_compile} if isinstance(torch_compile, str) else {}
-            fn, load_ns = timed(lambda: torch.compile(module, **kwargs))
+            compile_backend = torch_compile if isinstance(torch_compile, str) else "inductor"
+            fn, load_ns = timed(lambda: torch.compile(module, backend=compile_backend))
 
         def call() -> Any:
             return fn(*args)

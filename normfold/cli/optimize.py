@@ -125,6 +125,6 @@ def optimize_cmd(
         )
         for e in v.disabled:
             out.print(f"  [yellow]disabled[/] {escape(e.rule)} at {escape(' + '.join(e.nodes))}: {escape(e.reason)}")
-    for target in (output, report_path):
-        if target:
-            out.print(f"wrote {target}", markup=False, highlight=False)
+    for written in (output, report_path):
+        if written:
+            out.print(f"wrote {written}", markup=False, highlight=False)
