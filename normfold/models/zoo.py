@@ -47,7 +47,7 @@ def _calibrate_batchnorm(module: nn.Module, shape: tuple[int, ...]) -> nn.Module
     (a 1% weight fault in LeNet's first conv moved the output by 9e-7). Calibrated statistics keep
     every BN's output at unit scale, as in a trained net.
     """
-    saved: dict[nn.Module, float | None] = {}
+    saved: dict[_BatchNorm, float | None] = {}
     for sub in module.modules():
         if isinstance(sub, _BatchNorm):
             saved[sub] = sub.momentum
@@ -133,7 +133,14 @@ def _lenet(scratch_bn: bool) -> Chain:
     tags=("batchnorm", "conv", "linear"),
 )
 def lenet_bn() -> nn.Module:
-    return _calibrate_batchnorm(_randomize_norms(_lenet(scratch_bn=False)), (64, 1, 28, 28))
+    return _lenet_bn()
+
+
+def _lenet_bn() -> Chain:
+    """``lenet_bn`` typed as the Chain it is (``lenet_custom_bn`` walks it layer by layer)."""
+    net = _lenet(scratch_bn=False)
+    _calibrate_batchnorm(_randomize_norms(net), (64, 1, 28, 28))
+    return net
 
 
 @register(
@@ -145,7 +152,7 @@ def lenet_bn() -> nn.Module:
 def lenet_custom_bn() -> nn.Module:
     # Exactly lenet_bn's numbers (weights, affine, calibrated statistics) in the textbook module, so the
     # two must fold to the same graph and the same outputs.
-    reference = lenet_bn()
+    reference = _lenet_bn()
     net = _lenet(scratch_bn=True)
     for ref, mod in zip(reference, net, strict=True):
         if isinstance(mod, ScratchBatchNorm):
