@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.normfold-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-gpu lint bench clean
+.PHONY: setup demo test test-gpu lint typecheck bench clean
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: setup
 # The GPU smoke run: every GPU path once, PASS/FAIL per path (scripts/gpu_smoke.sh); fails without a GPU.
 test-gpu: setup
 	scripts/gpu_smoke.sh
+
+# mypy (config in pyproject) and the size limits (modules <= 500 lines, functions <= 80); not yet part of
+# `make test`: the fusers/numerics/gate/bench branches still carry errors when this was written.
+typecheck: setup
+	$(VENV)/bin/mypy
+	$(PY) scripts/check_sizes.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

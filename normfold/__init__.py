@@ -7,7 +7,27 @@ missing optional stack (CUDA, TensorRT, Ray) never breaks it.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+# What type checkers and IDEs see (``X as X`` marks a re-export); at run time names resolve in __getattr__.
+if TYPE_CHECKING:
+    from normfold.bench import BenchReport as BenchReport
+    from normfold.bench import benchmark as benchmark
+    from normfold.errors import NormfoldError as NormfoldError
+    from normfold.exporter.export import ExportResult as ExportResult
+    from normfold.exporter.export import export as export
+    from normfold.fusers import OptimizeReport as OptimizeReport
+    from normfold.fusers import optimize as optimize
+    from normfold.gate import GateReport as GateReport
+    from normfold.gate import run_gate as run_gate
+    from normfold.models.loader import LoadedModel as LoadedModel
+    from normfold.models.loader import load_model as load_model
+    from normfold.numerics.compare import CompareReport as CompareReport
+    from normfold.numerics.compare import compare as compare
+    from normfold.numerics.tolerances import Tolerance as Tolerance
+    from normfold.runtime.base import BackendStatus as BackendStatus
+    from normfold.runtime.registry import list_backends as list_backends
+    from normfold.serve import write_triton_repo as write_triton_repo
 
 __version__ = "0.1.0"
 

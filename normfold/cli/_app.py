@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.abc
+import importlib.util
 import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import Any, ClassVar, TypeVar
 
 import typer
 from rich.console import Console
@@ -110,28 +114,85 @@ def setup_logging(verbose: bool) -> None:
     quiet_third_party(verbose)
 
 
-def quiet_third_party(verbose: bool = False) -> None:
-    """torch.onnx logs warnings (missing torchvision ops, opset notes) through its own handlers."""
-    import torch.onnx  # noqa: F401  (its import configures torch's loggers; override after it)
+#: Loggers of third-party libraries that warn about things a user cannot act on (torch.onnx: missing
+#: torchvision ops, opset notes); at ERROR unless ``--verbose``.
+_NOISY_LOGGERS = (
+    "torch",
+    "torch.onnx",
+    "torch.onnx._internal.exporter._registration",
+    "torch.onnx._internal.exporter._compat",
+    "onnxscript",
+    "onnx_ir",
+    "matplotlib",
+    "PIL",
+    "ray",
+    "Polygraphy",
+)
 
+
+def quiet_third_party(verbose: bool = False) -> None:
+    """Set the noisy loggers' levels now, and again right after ``import torch`` if torch is not loaded yet.
+
+    ``import torch`` resets its registered loggers (``torch``, ``torch.onnx``) to WARNING with handlers of its
+    own, so a level set before it is lost. Importing torch here only to override it cost every command,
+    ``normfold backends`` included, seconds of start-up; the import hook defers the override to the commands
+    that load torch anyway.
+    """
     level = logging.DEBUG if verbose else logging.ERROR
-    for noisy in (
-        "torch",
-        "torch.onnx",
-        "torch.onnx._internal.exporter._registration",
-        "torch.onnx._internal.exporter._compat",
-        "onnxscript",
-        "onnx_ir",
-        "matplotlib",
-        "PIL",
-        "ray",
-        "Polygraphy",
-    ):
-        logging.getLogger(noisy).setLevel(level)
+
+    def apply() -> None:
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(level)
+
+    apply()
+    if "torch" not in sys.modules:
+        _AfterImport.arm("torch", apply)
     # Polygraphy prints to stdout unless told to use Python logging: keep --json output clean.
     from normfold.runtime.probe import route_polygraphy_logging
 
     route_polygraphy_logging()
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls ``callback`` once module ``name`` has finished executing (one armed hook per module name)."""
+
+    _armed: ClassVar[dict[str, _AfterImport]] = {}
+
+    def __init__(self, name: str, callback: Callable[[], None]) -> None:
+        self.name = name
+        self.callback = callback
+
+    @classmethod
+    def arm(cls, name: str, callback: Callable[[], None]) -> None:
+        """Install the hook, or retarget the armed one (the latest ``--verbose`` choice wins)."""
+        hook = cls._armed.get(name)
+        if hook is None:
+            hook = cls._armed[name] = cls(name, callback)
+            sys.meta_path.insert(0, hook)
+        hook.callback = callback
+
+    def _disarm(self) -> None:
+        self._armed.pop(self.name, None)
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: Any = None) -> ModuleSpec | None:
+        if fullname != self.name:
+            return None
+        self._disarm()  # before find_spec below, which would otherwise find this hook again
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, callback = spec.loader, self.callback
+        run = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            run(module)
+            callback()
+
+        # Wrap this one loader instance (not a new loader type: torch reads package resources through it).
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
 
 
 _handlers: list[logging.Handler] = []

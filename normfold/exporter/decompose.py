@@ -10,6 +10,9 @@ it replaces.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol, cast
+
 import numpy as np
 import onnx
 from onnx import TensorProto, defs, helper, inliner, numpy_helper, shape_inference
@@ -19,6 +22,20 @@ from normfold.exporter.provenance import module_path, set_module_path
 
 DOMAIN = "normfold.decomposed"
 FUNCTION_OPS = ("LayerNormalization", "GroupNormalization")
+
+
+class _FunctionSchema(Protocol):
+    """The function-body part of ``onnx.defs.OpSchema``, which onnx's type stubs leave out (onnx 1.17+)."""
+
+    since_version: int
+    context_dependent_function_opset_versions: Sequence[int]
+    function_opset_versions: Sequence[int]
+
+    def get_context_dependent_function_with_opset_version(
+        self, opset: int, node: bytes, input_types: list[bytes]
+    ) -> bytes: ...
+
+    def get_function_with_opset_version(self, opset: int) -> bytes: ...
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -34,7 +51,7 @@ def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 
 
 def _function_body(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto], name: str) -> onnx.FunctionProto:
-    schema = defs.get_schema(node.op_type, opset, "")
+    schema = cast(_FunctionSchema, defs.get_schema(node.op_type, opset, ""))
     fallback = helper.make_tensor_type_proto(TensorProto.FLOAT, None)
     input_types = [types.get(i, fallback).SerializeToString() for i in node.input]
     # The newest body written for an opset ≤ the model's; its ops only gained types since, so it is

@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normfold.models.registry import register
+from normfold.models.scratch_norms import ScratchBatchNorm, ScratchGroupNorm
 
 __all__ = ["Chain", "ScratchBatchNorm", "ScratchGroupNorm"]
 
@@ -46,7 +47,7 @@ def _calibrate_batchnorm(module: nn.Module, shape: tuple[int, ...]) -> nn.Module
     (a 1% weight fault in LeNet's first conv moved the output by 9e-7). Calibrated statistics keep
     every BN's output at unit scale, as in a trained net.
     """
-    saved: dict[nn.Module, float | None] = {}
+    saved: dict[_BatchNorm, float | None] = {}
     for sub in module.modules():
         if isinstance(sub, _BatchNorm):
             saved[sub] = sub.momentum
@@ -93,104 +94,6 @@ class Chain(nn.Sequential):
 
 
 # --------------------------------------------------------------------------------------------------------
-# From-scratch normalization modules
-
-
-def _scratch_batch_norm(
-    x: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    moving_mean: torch.Tensor,
-    moving_var: torch.Tensor,
-    eps: float,
-    momentum: float,
-    training: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The textbook batch norm: ``(x - mean) / sqrt(var + eps) * gamma + beta``.
-
-    In eval it uses the moving statistics; in training the (biased) batch statistics, and it returns the
-    updated moving statistics ``momentum * moving + (1 - momentum) * batch``.
-    """
-    if not training:
-        x_hat = (x - moving_mean) / torch.sqrt(moving_var + eps)
-    else:
-        dims = (0,) if x.dim() == 2 else (0, 2, 3)
-        mean = x.mean(dim=dims, keepdim=True)
-        var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
-        x_hat = (x - mean) / torch.sqrt(var + eps)
-        moving_mean = momentum * moving_mean + (1.0 - momentum) * mean
-        moving_var = momentum * moving_var + (1.0 - momentum) * var
-    return gamma * x_hat + beta, moving_mean.detach(), moving_var.detach()
-
-
-class ScratchBatchNorm(nn.Module):
-    """BatchNorm written from scratch, the d2l.ai textbook way.
-
-    ``gamma``/``beta`` are parameters; ``moving_mean``/``moving_var`` are *plain tensor attributes*, neither
-    buffers nor parameters, so they are not in ``state_dict`` and ``.to()`` does not move them (hence the
-    device move in ``forward``). Exporters see them as constants. This is faithful to the textbook and is
-    exactly the kind of model a BN-folding pass must handle as ``Sub, Div(Sqrt(Add)), Mul, Add``.
-    """
-
-    def __init__(self, num_features: int, num_dims: int, eps: float = 1e-5, momentum: float = 0.9) -> None:
-        super().__init__()
-        if num_dims not in (2, 4):
-            raise ValueError(f"num_dims must be 2 or 4, got {num_dims}")
-        shape = (1, num_features) if num_dims == 2 else (1, num_features, 1, 1)
-        self.eps = eps
-        self.momentum = momentum
-        self.gamma = nn.Parameter(torch.ones(shape))
-        self.beta = nn.Parameter(torch.zeros(shape))
-        self.moving_mean = torch.zeros(shape)
-        self.moving_var = torch.ones(shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.moving_mean.device != x.device:
-            self.moving_mean = self.moving_mean.to(x.device)
-            self.moving_var = self.moving_var.to(x.device)
-        y, moving_mean, moving_var = _scratch_batch_norm(
-            x,
-            self.gamma,
-            self.beta,
-            self.moving_mean,
-            self.moving_var,
-            self.eps,
-            self.momentum,
-            self.training,
-        )
-        # eval never rebinds the stats: under inference_mode that would leave inference tensors behind
-        if self.training:
-            self.moving_mean, self.moving_var = moving_mean, moving_var
-        return y
-
-
-class ScratchGroupNorm(nn.Module):
-    """GroupNorm written by hand: per-group biased variance, eps inside the sqrt, per-channel affine.
-
-    ``y = (x - mean_g) / sqrt(var_g + eps) * weight[c] + bias[c]`` with mean/var over each group's
-    ``C/G * H * W`` elements; this is what ``nn.GroupNorm`` computes, spelled out in view/mean/var ops.
-    """
-
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        if num_channels % num_groups:
-            raise ValueError(f"num_channels={num_channels} is not divisible by num_groups={num_groups}")
-        self.num_groups = num_groups
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        g = x.view(n, self.num_groups, -1)
-        mean = g.mean(dim=-1, keepdim=True)
-        var = g.var(dim=-1, unbiased=False, keepdim=True)
-        g = (g - mean) / torch.sqrt(var + self.eps)
-        x = g.view(n, c, h, w)
-        return x * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-
-
-# --------------------------------------------------------------------------------------------------------
 # LeNet
 
 
@@ -230,7 +133,14 @@ def _lenet(scratch_bn: bool) -> Chain:
     tags=("batchnorm", "conv", "linear"),
 )
 def lenet_bn() -> nn.Module:
-    return _calibrate_batchnorm(_randomize_norms(_lenet(scratch_bn=False)), (64, 1, 28, 28))
+    return _lenet_bn()
+
+
+def _lenet_bn() -> Chain:
+    """``lenet_bn`` typed as the Chain it is (``lenet_custom_bn`` walks it layer by layer)."""
+    net = _lenet(scratch_bn=False)
+    _calibrate_batchnorm(_randomize_norms(net), (64, 1, 28, 28))
+    return net
 
 
 @register(
@@ -242,7 +152,7 @@ def lenet_bn() -> nn.Module:
 def lenet_custom_bn() -> nn.Module:
     # Exactly lenet_bn's numbers (weights, affine, calibrated statistics) in the textbook module, so the
     # two must fold to the same graph and the same outputs.
-    reference = lenet_bn()
+    reference = _lenet_bn()
     net = _lenet(scratch_bn=True)
     for ref, mod in zip(reference, net, strict=True):
         if isinstance(mod, ScratchBatchNorm):

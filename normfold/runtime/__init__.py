@@ -1,7 +1,36 @@
-"""Backends: torch (eager reference), ort-cpu, ort-cuda, ort-trt, trt."""
+"""Backends: torch (eager reference), ort-cpu, ort-cuda, ort-trt, trt.
 
-from normfold.runtime.base import Backend, BackendStatus, Runner, SessionOptions, TensorMeta
-from normfold.runtime.registry import BACKENDS, get_backend, list_backends, parse_backends
+Names resolve lazily: the registry imports every backend module (torch with the eager one), and a
+submodule import such as :mod:`normfold.runtime.probe` (which every CLI command makes) should not pay for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from normfold.runtime.base import Backend as Backend
+    from normfold.runtime.base import BackendStatus as BackendStatus
+    from normfold.runtime.base import Runner as Runner
+    from normfold.runtime.base import SessionOptions as SessionOptions
+    from normfold.runtime.base import TensorMeta as TensorMeta
+    from normfold.runtime.registry import BACKENDS as BACKENDS
+    from normfold.runtime.registry import get_backend as get_backend
+    from normfold.runtime.registry import list_backends as list_backends
+    from normfold.runtime.registry import parse_backends as parse_backends
+
+_EXPORTS: dict[str, str] = {
+    "Backend": "normfold.runtime.base",
+    "BackendStatus": "normfold.runtime.base",
+    "Runner": "normfold.runtime.base",
+    "SessionOptions": "normfold.runtime.base",
+    "TensorMeta": "normfold.runtime.base",
+    "BACKENDS": "normfold.runtime.registry",
+    "get_backend": "normfold.runtime.registry",
+    "list_backends": "normfold.runtime.registry",
+    "parse_backends": "normfold.runtime.registry",
+}
 
 __all__ = [
     "BACKENDS",
@@ -14,3 +43,16 @@ __all__ = [
     "list_backends",
     "parse_backends",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'normfold.runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

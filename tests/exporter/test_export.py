@@ -45,19 +45,16 @@ X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize(("exporter", "opset"), [("dynamo", 21), ("dynamo", 18), ("torchscript", 17)])
-def test_export_has_requested_opset_and_matches_eager(net: Net, tmp_path: Path, exporter: str, opset: int) -> None:
+def test_export_has_requested_opset_matches_eager_and_names_modules(
+    net: Net, tmp_path: Path, exporter: str, opset: int
+) -> None:
+    """One export per exporter/opset checks the opset contract, the numerics and the provenance stamps."""
     res = export(net, (X,), tmp_path / "m.onnx", opset=opset, exporter=exporter)
     model = onnx.load(str(res.path))
     assert res.opset == opset
     assert {i.domain: i.version for i in model.opset_import}.get("") == opset
     assert res.input_names == ["x"]
     assert compare(net, res.path, [X]).passed
-
-
-@pytest.mark.parametrize(("exporter", "opset"), [("dynamo", 21), ("torchscript", 17)])
-def test_provenance_names_the_module_of_every_traced_node(net: Net, tmp_path: Path, exporter: str, opset: int) -> None:
-    res = export(net, (X,), tmp_path / "m.onnx", opset=opset, exporter=exporter)
-    model = onnx.load(str(res.path))
     paths = {module_path(n) for n in model.graph.node}
     modules = {name for name, _ in net.named_modules()}
     # Every recorded path is a real module of the net, and the key layers are all traced.
