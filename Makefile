@@ -20,6 +20,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 # The GPU smoke run: every GPU path once, PASS/FAIL per path (scripts/gpu_smoke.sh); fails without a GPU.
