@@ -62,7 +62,7 @@ class LayerNormFusion(Rule[LayerNormSite]):
     """ReduceMean-Sub-(Pow|Mul)-ReduceMean-Add(ε)-Sqrt-(Div|Reciprocal·Mul)[-Mul(γ)][-Add(β)] → LN-17."""
 
     name = "fuse_layernorm"
-    anchors = ("ReduceMean",)
+    anchors = ("ReduceMean", "ReduceSum")
     opset = (LAYERNORM_OPSET, "LayerNormalization")
     prime_facts = True
 
