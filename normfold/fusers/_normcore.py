@@ -253,7 +253,7 @@ def match_core(facts: GraphFacts, mean_node: ir.Node) -> NormCore | Reject | Non
         return Reject(site, reason)
 
     output = div.outputs[0]
-    leak = _leak_reason(m.nodes, output, x)
+    leak = leak_reason(m.nodes, output, x)
     if leak is not None:
         return Reject(site, leak)
     return NormCore(x=x, axes=axes, rank=rank, eps=eps, output=output, anchor=mean_node, nodes=m.nodes)
@@ -276,7 +276,7 @@ def _variance_plus_eps(facts: GraphFacts, std: ir.Value, recip: ir.Node | None) 
     return f"the divisor is {std_node.op_type}({std_node.name}), not sqrt(variance + eps)"
 
 
-def _leak_reason(nodes: list[ir.Node], output: ir.Value, x: ir.Value) -> str | None:
+def leak_reason(nodes: list[ir.Node], output: ir.Value, x: ir.Value) -> str | None:
     """Why a value inside the matched core is needed outside it (so the core cannot be replaced)."""
     internal = {id(n) for n in nodes}
     graph_outputs = set(x.graph.outputs) if x.graph is not None else set()
