@@ -11,7 +11,12 @@ Two measurements, every session ORT CPU with default graph optimizations, timed 
   and ``target="ort-cpu"`` (lowered to the InstanceNormalization form), next to the legacy TorchScript
   export at opset 17 (which emits the InstanceNormalization emulation itself).
 
-Run: ``python benchmarks/groupnorm_latency.py [--forms] [--blocks 4] [--size 32] [--threads 1] [--iters 50]``
+* ``--seed``: the seed's hand-written GroupNorm (``optimize_vs_anchors.SeedGroupNorm``: chained single-axis
+  ``ReduceSum``s divided by n, ``pow(x − μ, 2)``; two of them around a SiLU) at 1×128×64×64, G=32,
+  exported by dynamo at opset 21: raw vs ``optimize --target ort-cpu`` (fused to GN-21, then lowered to
+  the InstanceNormalization form).
+
+Run: ``python benchmarks/groupnorm_latency.py [--forms | --seed] [--blocks 4] [--size 32] [--threads 1] [--iters 50]``
 """
 
 from __future__ import annotations
@@ -170,15 +175,54 @@ def stack(args: argparse.Namespace) -> None:
     print(f"speed-up raw dynamo / --target ort-cpu: {raw / cpu:.2f}x  (goal >= 1.3x)")
 
 
+def seed(args: argparse.Namespace) -> None:
+    from optimize_vs_anchors import seed_groupnorm
+
+    from normfold.exporter import export
+    from normfold.fusers import optimize
+
+    torch.manual_seed(0)
+    model, (x,) = seed_groupnorm(0)
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            export(model, (x,), d / "raw.onnx", opset=21)
+        report = optimize(d / "raw.onnx", d / "ort_cpu.onnx", target="ort-cpu")
+        paths = {"dynamo opset 21, raw": d / "raw.onnx", "optimize --target ort-cpu": d / "ort_cpu.onnx"}
+        sessions = {k: _session(p, args.threads) for k, p in paths.items()}
+        counts = {k: len(onnx.load(p).graph.node) for k, p in paths.items()}
+    feeds = {sessions["dynamo opset 21, raw"].get_inputs()[0].name: x.numpy()}
+    with torch.no_grad():
+        eager = model(x).numpy()
+    err = np.abs(sessions["optimize --target ort-cpu"].run(None, feeds)[0] - eager).max()
+    stats = interleaved(sessions, feeds, args.iters)
+    print(f"model: seed hand-written GroupNorm x2, x {tuple(x.shape)}, G=32")
+    print(f"onnxruntime {ort.__version__} CPU EP, threads {args.threads or 'default'}; {args.iters} interleaved runs")
+    print(
+        f"fused: {report.rules['fuse_groupnorm'].applied}, lowered: {report.rules['lower_norms'].applied}; "
+        f"max |ort-cpu - eager| = {err:.2e}"
+    )
+    print(f"{'model':<30}{'nodes':>7}{'median ms':>11}{'min ms':>10}")
+    for k, (med, low) in stats.items():
+        print(f"{k:<30}{counts[k]:>7}{med:>11.2f}{low:>10.2f}")
+    (raw_med, raw_min), (cpu_med, cpu_min) = stats["dynamo opset 21, raw"], stats["optimize --target ort-cpu"]
+    print(
+        f"speed-up raw / --target ort-cpu: median {raw_med / cpu_med:.2f}x, min {raw_min / cpu_min:.2f}x (goal >= 1.3x)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forms", action="store_true", help="time the three forms of one GroupNorm instead")
+    parser.add_argument("--seed", action="store_true", help="time the seed's hand-written GroupNorm instead")
     parser.add_argument("--blocks", type=int, default=4, help="unet_resblock copies (2 GroupNorms each)")
     parser.add_argument("--size", type=int, default=0, help="spatial size (0: the zoo's 16)")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (0: ORT's default)")
     args = parser.parse_args()
-    forms(args) if args.forms else stack(args)
+    forms(args) if args.forms else seed(args) if args.seed else stack(args)
 
 
 if __name__ == "__main__":

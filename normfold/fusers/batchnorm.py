@@ -170,14 +170,14 @@ class GemmSite(BnSite):
 
 
 def _feature_layer(y: ir.Value) -> tuple[list[ir.Node], ir.Node | None]:
-    """Walk up from the BN input: optional Transpose, optional Add(bias), then Gemm or MatMul.
+    """Walk up from the BN input: optional Transpose or Reshape, optional Add(bias), then Gemm or MatMul.
 
     Returns ``(chain, layer)``: ``chain`` the nodes between the layer's output and the BN (layer side
     first), ``layer`` the Gemm/MatMul, or None when this BN is no candidate for this rule.
     """
     chain: list[ir.Node] = []
     node = y.producer()
-    if node is not None and node.op_type == "Transpose" and node.domain == "":
+    if node is not None and node.op_type in ("Transpose", "Reshape") and node.domain == "":
         chain.insert(0, node)
         node = node.inputs[0].producer() if node.inputs[0] is not None else None
     if node is not None and node.op_type == "Add" and node.domain == "":
@@ -196,7 +196,8 @@ def _feature_layer(y: ir.Value) -> tuple[list[ir.Node], ir.Node | None]:
 
 @register_rule
 class FuseBatchNormIntoGemm(_BatchNormFold[GemmSite]):
-    """``BN(Gemm)``, ``BN(MatMul(+Add))`` and ``BN(Transpose(MatMul+Add))`` (Linear→BatchNorm1d).
+    """``BN(Gemm)``, ``BN(MatMul(+Add))``, ``BN(Transpose(MatMul+Add))`` (Linear→BatchNorm1d) and
+    ``BN(Reshape(MatMul(+Add)))`` (timm LeViT's ``bn(linear(x).flatten(0, 1)).reshape_as(x)``).
 
     The feature axis of ``Y = α·A·B + β·C`` is N: ``B`` is ``(K, N)`` for transB=0 (scale axis 1) and
     ``(N, K)`` for transB=1 (axis 0). ``s·Y + t = α·A·(B·s) + (β·C·s + t)``, so ``B' = B·s``,
@@ -205,8 +206,11 @@ class FuseBatchNormIntoGemm(_BatchNormFold[GemmSite]):
 
     BN normalizes axis 1. That is the layer's feature (last) axis only for a rank-2 output, or when a
     Transpose in between moves the last axis to position 1 (Linear on (N, L, C) → transpose → BN1d on
-    (N, C, L)). Otherwise the BN scales along rows the weights do not have, and it is skipped with
-    that reason (the standalone rule then keeps it).
+    (N, C, L)), or when a Reshape in between gives a rank-2 (M, C) whose last dim C is the layer
+    output's last dim: a row-major reshape that keeps the size of the last axis maps element
+    (…, c) to (m, c) (flat index mod C = c), so every element keeps its channel. Otherwise the BN
+    scales along rows the weights do not have, and it is skipped with that reason (the standalone rule
+    then keeps it).
     """
 
     name = "fuse_bn_into_gemm"
@@ -253,7 +257,8 @@ class FuseBatchNormIntoGemm(_BatchNormFold[GemmSite]):
         return w64, _math.fold_bias(None if b is None else beta * np.asarray(b, dtype=np.float64), s, t)
 
     def rewrite(self, scope: Scope, site: GemmSite) -> list[ir.Node]:
-        layer, bn, add, transpose = site.layer, site.bn, site.link("Add"), site.link("Transpose")
+        layer, bn, add = site.layer, site.bn, site.link("Add")
+        transpose = site.link("Transpose") or site.link("Reshape")
         add_name = add.name if add is not None and add.name else f"{bn.name}_bias"
         new = fold_layer(scope, site, layer.inputs[0], self.folded_weights(site), source=bn, add_name=add_name)
         out = new[-1].outputs[0]
@@ -264,7 +269,7 @@ class FuseBatchNormIntoGemm(_BatchNormFold[GemmSite]):
         # keep the Transpose: it now reads the folded layer and produces what the BN produced
         scope.graph.insert_before(layer, new)
         out.type, out.shape = old[-1].outputs[0].type, old[-1].outputs[0].shape
-        transpose.replace_input_with(0, out)
+        transpose.replace_input_with(0, out)  # (or the Reshape: it keeps the channel axis)
         scope.graph.remove(old, safe=True)
         _route(scope.graph, bn, transpose.outputs[0])
         return new
@@ -278,6 +283,9 @@ def _gemm_axis(layer: ir.Node) -> int:
 def _feature_axis_reason(site: GemmSite) -> str | None:
     """Why BN's axis 1 is not the layer's feature axis (see :class:`FuseBatchNormIntoGemm`)."""
     transpose, layer = site.link("Transpose"), site.layer
+    reshape = site.link("Reshape")
+    if reshape is not None:
+        return _reshape_channel_reason(reshape)
     if transpose is not None:
         perm = g.attr_ints(transpose, "perm")
         if perm is None or len(perm) < 2 or perm[1] != len(perm) - 1:
@@ -288,6 +296,22 @@ def _feature_axis_reason(site: GemmSite) -> str | None:
         return (
             f"BN normalizes axis 1 of a rank-{rank} {layer.op_type} output, not the layer's feature "
             "(last) axis: the scale cannot move into the weights"
+        )
+    return None
+
+
+def _reshape_channel_reason(reshape: ir.Node) -> str | None:
+    """None when ``reshape`` maps the layer output (…, C) to (M, C), keeping each element's channel."""
+    src, dst = reshape.inputs[0], reshape.outputs[0]
+    before = src.shape if src is not None else None
+    after = dst.shape
+    if before is None or after is None:
+        return "cannot prove the Reshape between the layer and the BN keeps the channel axis (shapes unknown)"
+    c_in, c_out = before[len(before) - 1], after[len(after) - 1] if len(after) else None
+    if len(after) != 2 or not isinstance(c_in, int) or c_in != c_out:
+        return (
+            f"the Reshape {list(before)} → {list(after)} does not keep the layer's channel (last) axis as "
+            "the BN axis 1: the scale cannot move into the weights"
         )
     return None
 

@@ -76,7 +76,7 @@ class GroupNormFusion(Rule[GroupNormSite]):
     """Reshape→(InstanceNormalization | hand-written mean/var)→Reshape[→Mul(γ)][→Add(β)] → GN-21."""
 
     name = "fuse_groupnorm"
-    anchors = ("InstanceNormalization", "ReduceMean")
+    anchors = ("InstanceNormalization", "ReduceMean", "ReduceSum")
     opset = (GROUPNORM_OPSET, "GroupNormalization-21")
     prime_facts = True
 
@@ -95,7 +95,7 @@ class GroupNormFusion(Rule[GroupNormSite]):
         groups = _group_layout(facts, reshape)
         if isinstance(groups, str):
             return Reject(site, groups)
-        x, g = groups
+        x, g, _ = groups  # InstanceNormalization normalizes every axis after 1, whatever the view's rank
         s_g = facts.const(node.inputs[1])
         b_g = facts.const(node.inputs[2])
         if s_g is None or b_g is None:
@@ -119,19 +119,16 @@ class GroupNormFusion(Rule[GroupNormSite]):
         if single_consumer(core.output, "Reshape") is None:
             return None  # not viewed back: a LayerNorm-like site on a reshaped tensor, not a GroupNorm
         nodes = (reshape, *core.nodes)
-        rank = core.rank
-        if not (core.axes == (-1,) or (rank is not None and core.axes == (rank - 1,))) or rank not in (
-            3,
-            None,
-        ):
-            return Reject(
-                nodes,
-                f"normalizes over axes {list(core.axes)} of the grouped view; GroupNorm normalizes axis 2",
-            )
         groups = _group_layout(facts, reshape)
         if isinstance(groups, str):
             return Reject(nodes, groups)
-        x, g = groups
+        x, g, view_rank = groups
+        if core.axes not in ((-1,), tuple(range(2, view_rank))) or (core.axes == (-1,) and view_rank != 3):
+            return Reject(
+                nodes,
+                f"normalizes over axes {list(core.axes)} of the rank-{view_rank} grouped view; GroupNorm "
+                f"normalizes every axis after the group axis ({list(range(2, view_rank))})",
+            )
         return self._finish(facts, x, g, core.eps, node, [reshape, *core.nodes], None, None, core)
 
     def _finish(
@@ -222,8 +219,10 @@ class GroupNormFusion(Rule[GroupNormSite]):
         )
 
 
-def _group_layout(facts: GraphFacts, reshape: ir.Node) -> tuple[ir.Value, int] | str:
-    """(x, G) when ``reshape`` views x (N, C, *S) as (N, G, C/G·ΠS); else why it does not."""
+def _group_layout(facts: GraphFacts, reshape: ir.Node) -> tuple[ir.Value, int, int] | str:
+    """(x, G, rank of the view) when ``reshape`` views x (N, C, *S) as (N, G, *R) with ΠR = C/G·ΠS
+    (``x.view(N, G, -1)`` or ``x.view(N, G, C // G, H, W)``); else why it does not. Row (n, g) of such a
+    view holds exactly the elements of channel group g (row-major order), whatever R is."""
     x = reshape.inputs[0]
     shape = facts.shape(x)
     if x is None or shape is None or len(shape) < 2:
@@ -237,34 +236,41 @@ def _group_layout(facts: GraphFacts, reshape: ir.Node) -> tuple[ir.Value, int] |
     allowzero = reshape.attributes.get("allowzero")
     if target is not None:
         dims = [int(t) for t in target.reshape(-1)]
-        if len(dims) != 3:
-            return f"reshape to {dims} is not a (N, G, -1) group view"
+        if len(dims) < 3:
+            return f"reshape to {dims} is not a (N, G, ...) group view"
         if dims[0] == 0 and not (allowzero is not None and allowzero.as_int()):
             dims[0] = shape[0] if shape[0] is not None else -2  # copied batch dim
         elif dims[0] != shape[0]:
             return f"reshape to {dims} does not keep the batch axis of a {list(shape)} input"
-        groups, rest = dims[1], dims[2]
-        if groups == -1 and rest > 0 and inner is not None and (channels * inner) % rest == 0:
+        groups, tail = dims[1], dims[2:]
+        if any(t == 0 or t < -1 for t in tail) or (groups == -1 and -1 in tail):
+            return f"reshape to {dims} does not put channel groups on axis 1"
+        rest = int(np.prod(tail)) if -1 not in tail else -1
+        if groups == -1 and inner is not None and (channels * inner) % rest == 0:
             groups = channels * inner // rest  # x.view(N, -1, L): the row count is implied
         if groups <= 0:
             return f"reshape to {dims} does not put channel groups on axis 1"
         if rest != -1 and (inner is None or groups * rest != channels * inner):
             return f"reshape to {dims} does not match the group layout of a {list(shape)} input"
+        view_rank = len(dims)
     else:
         # A run-time target (x.view(x.shape[0], G, -1) with a dynamic batch): with the batch dim provably
         # kept and G rows, each row holds C/G·ΠS elements because Reshape preserves the element count.
         out = facts.sym_shape(reshape.outputs[0])
         batch = (facts.sym_shape(x) or (None,))[0]
-        if out is None or len(out) != 3 or not isinstance(out[1], int):
+        if out is None or len(out) < 3 or not isinstance(out[1], int):
             return "the grouped reshape's target is not constant and its output shape is unknown"
         if batch is None or out[0] != batch:
             return f"cannot prove the reshape to {list(out)} keeps the batch axis of a {list(shape)} input"
         groups = int(out[1])
-        if isinstance(out[2], int) and (inner is None or groups * out[2] != channels * inner):
-            return f"reshape to {list(out)} does not match the group layout of a {list(shape)} input"
+        if all(isinstance(d, int) for d in out[2:]):
+            rest = int(np.prod([int(d) for d in out[2:]]))  # type: ignore[arg-type]
+            if inner is None or groups * rest != channels * inner:
+                return f"reshape to {list(out)} does not match the group layout of a {list(shape)} input"
+        view_rank = len(out)
     if channels % groups:
         return f"group count {groups} does not divide C={channels}: the reshape does not follow channel groups"
-    return x, groups
+    return x, groups, view_rank
 
 
 def _restores_shape(facts: GraphFacts, back: ir.Node, x: ir.Value) -> str | None:

@@ -62,7 +62,7 @@ class LayerNormFusion(Rule[LayerNormSite]):
     """ReduceMean-Sub-(Pow|Mul)-ReduceMean-Add(ε)-Sqrt-(Div|Reciprocal·Mul)[-Mul(γ)][-Add(β)] → LN-17."""
 
     name = "fuse_layernorm"
-    anchors = ("ReduceMean",)
+    anchors = ("ReduceMean", "ReduceSum")
     opset = (LAYERNORM_OPSET, "LayerNormalization")
     prime_facts = True
 
@@ -92,7 +92,7 @@ class LayerNormFusion(Rule[LayerNormSite]):
         current = core.output
         for op in ("Mul", "Add"):
             user = single_consumer(current, op)
-            param = _affine_param(facts, other_operand(user, current), rank, norm_shape, dtype) if user else None
+            param = affine_param(facts, other_operand(user, current), rank, norm_shape, dtype) if user else None
             params.append(param)
             if user is not None and param is not None:
                 extra.append(user)
@@ -152,7 +152,7 @@ def _stash(site: LayerNormSite) -> ir.DataType:
     return ir.DataType.DOUBLE if site.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
 
 
-def _affine_param(
+def affine_param(
     facts: GraphFacts,
     param: ir.Value | None,
     rank: int,

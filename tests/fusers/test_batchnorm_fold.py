@@ -375,3 +375,33 @@ def test_dynamo_export_conv_depthwise_linear(tmp_path: Path) -> None:
     paths = sorted(module_path(n) or "" for n in out.graph.node if n.op_type in ("Conv", "Gemm"))
     assert paths == ["bn", "dw_bn", "fc_bn"]
     assert report.verification is not None and report.verification.passed
+
+
+class _LeViTLinearNorm(nn.Module):
+    """timm LeViT's ``LinearNorm``: Linear(bias=False) on (B, N, C), BatchNorm1d on ``flatten(0, 1)``,
+    reshaped back. ``split`` > 1 makes the look-alike whose Reshape splits the channel axis."""
+
+    def __init__(self, split: int = 1) -> None:
+        super().__init__()
+        self.split = split
+        self.linear = nn.Linear(6, 8, bias=False)
+        self.bn = randomize_bn(nn.BatchNorm1d(8 // split))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return self.bn(y.reshape(-1, 8 // self.split)).reshape_as(y)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_levit_matmul_reshape_bn1d_folds(exporter: str, tmp_path: Path) -> None:
+    report, before, after = _roundtrip(_LeViTLinearNorm(), (torch.randn(2, 5, 6),), tmp_path, exporter)
+    assert before["BatchNormalization"] == 1 and "BatchNormalization" not in after
+    assert after.get("MatMul") == 1 and after.get("Add") == 1
+    assert _rule(report, "fuse_bn_into_gemm")[0] == 1
+
+
+def test_levit_reshape_that_splits_the_channel_axis_is_refused(tmp_path: Path) -> None:
+    report, _, after = _roundtrip(_LeViTLinearNorm(split=2), (torch.randn(2, 5, 6),), tmp_path)
+    assert after.get("BatchNormalization") == 1
+    applied, _, reasons = _rule(report, "fuse_bn_into_gemm")
+    assert applied == 0 and "does not keep the layer's channel (last) axis" in reasons[0], reasons
