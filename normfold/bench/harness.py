@@ -38,17 +38,25 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from normfold.bench.environment import collect_environment
+from normfold.bench.inputs import (
+    Shape,
+    batch_shapes,
+    check_overrides,
+    default_batch_size,
+    describe_shape,
+    onnx_input_metas,
+)
 from normfold.bench.measure import Measurement, Schedule, measure, timed
 from normfold.bench.report import BenchReport, BenchResult
 from normfold.bench.stats import summarize
 from normfold.errors import InputSpecError, UsageError
-from normfold.io import load_onnx
 from normfold.runtime.base import Runner, SessionOptions, TensorMeta
 from normfold.runtime.onnxruntime import GRAPH_OPT_LEVELS, OrtRunner
 from normfold.runtime.registry import get_backend, parse_backends
@@ -59,109 +67,7 @@ log = logging.getLogger(__name__)
 #: Backends whose runners honour ``SessionOptions.cuda_graph`` (CUDA graph capture and replay).
 CUDA_GRAPH_BACKENDS: tuple[str, ...] = ("ort-cuda", "ort-trt")
 
-Shape = tuple[int, ...]
 Progress = Callable[[str], None]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Inputs
-
-
-def onnx_input_metas(onnx_path: str | Path) -> list[TensorMeta]:
-    """The graph inputs of an ONNX file (initializers excluded), loaded and checked by :func:`load_onnx`."""
-    from onnx import helper
-
-    model = load_onnx(onnx_path, load_external_data=False)
-    initializers = {t.name for t in model.graph.initializer}
-    metas: list[TensorMeta] = []
-    for vi in model.graph.input:
-        if vi.name in initializers:
-            continue
-        tt = vi.type.tensor_type
-        dims: list[int | str | None] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            else:
-                dims.append(d.dim_param or None)
-        try:
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputSpecError(
-                f"input {vi.name} has ONNX element type {tt.elem_type}, which numpy cannot hold"
-            ) from e
-        metas.append(TensorMeta(vi.name, tuple(dims), dtype))
-    return metas
-
-
-def _describe_shape(shape: Sequence[int | str | None]) -> str:
-    return "x".join(str(d) if isinstance(d, int) else "?" for d in shape)
-
-
-def check_overrides(metas: Sequence[TensorMeta], overrides: Mapping[str, Shape]) -> None:
-    """``--input`` shapes must name model inputs and fit their rank and static dims (dim 0 excepted)."""
-    by_name = {m.name: m for m in metas}
-    unknown = sorted(set(overrides) - set(by_name))
-    if unknown:
-        known = [m.describe() for m in metas]
-        raise InputSpecError(f"--input names {unknown} are not model inputs; the model has {known}")
-    for name, shape in overrides.items():
-        meta = by_name[name]
-        ok = len(shape) == len(meta.shape) and all(
-            not isinstance(d, int) or d == s for i, (d, s) in enumerate(zip(meta.shape, shape, strict=True)) if i > 0
-        )
-        if not ok:
-            raise InputSpecError(
-                f"input tensor: {name} | received incompatible shape: {_describe_shape(shape)}; "
-                f"expected a shape compatible with: {meta.describe()} (dimension 0 is set by --batch)"
-            )
-
-
-def default_batch_size(metas: Sequence[TensorMeta], overrides: Mapping[str, Shape]) -> int:
-    """The model's own batch size: the first static dimension 0, else the ``--input`` one, else 1."""
-    for meta in metas:
-        if meta.shape and isinstance(meta.shape[0], int):
-            return int(meta.shape[0])
-    for meta in metas:
-        shape = overrides.get(meta.name)
-        if shape:
-            return int(shape[0])
-    return 1
-
-
-def batch_shapes(metas: Sequence[TensorMeta], batch_size: int, overrides: Mapping[str, Shape]) -> dict[str, Shape]:
-    """Concrete input shapes at ``batch_size``: dimension 0 of every input of rank ≥ 1 becomes the batch.
-
-    A static dimension 0 that differs from ``batch_size`` raises :class:`InputSpecError`: the model was
-    exported for one batch size (re-export with ``--dynamic-batch``). Other dynamic dimensions come from
-    ``overrides`` (``--input``) or raise.
-    """
-    shapes: dict[str, Shape] = {}
-    for meta in metas:
-        if not meta.shape:
-            shapes[meta.name] = ()
-            continue
-        dim0 = meta.shape[0]
-        if isinstance(dim0, int) and dim0 != batch_size:
-            raise InputSpecError(
-                f"input {meta.describe()} has a static batch dimension of {dim0}, so it cannot run at batch size "
-                f"{batch_size}; re-export with --dynamic-batch or bench with --batch {dim0}"
-            )
-        given = overrides.get(meta.name)
-        rest: list[int] = []
-        for i, d in enumerate(meta.shape[1:], start=1):
-            if given is not None:
-                rest.append(int(given[i]))
-            elif isinstance(d, int):
-                rest.append(d)
-            else:
-                example = "x".join(["1"] + [str(x) if isinstance(x, int) else "8" for x in meta.shape[1:]])
-                raise InputSpecError(
-                    f"input {meta.describe()} has dynamic dimension {i} ({d or '?'}); give its shape with "
-                    f"--input {meta.name}:{example}"
-                )
-        shapes[meta.name] = (batch_size, *rest)
-    return shapes
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -280,7 +186,7 @@ def check_model_inputs(names: list[str] | None, shapes: list[Shape] | None, meta
         if not ok:
             label = names[i] if names else f"#{i}"
             raise InputSpecError(
-                f"--model input {label} has shape {_describe_shape(shape)} but the ONNX input is {meta.describe()}; "
+                f"--model input {label} has shape {describe_shape(shape)} but the ONNX input is {meta.describe()}; "
                 "is --model the model this file was exported from?"
             )
 
@@ -312,7 +218,7 @@ def _bench_torch(
         try:
             _, first_ns = timed(call)
         except Exception as e:  # a module that rejects the ONNX model's inputs: say which inputs it got
-            shapes = ", ".join(f"{n}:{_describe_shape(a.shape)}" for n, a in zip(order, args, strict=True))
+            shapes = ", ".join(f"{n}:{describe_shape(a.shape)}" for n, a in zip(order, args, strict=True))
             raise InputSpecError(
                 f"the torch model failed on the ONNX model's inputs ({shapes}): {type(e).__name__}: {e}"
             ) from e
@@ -400,18 +306,9 @@ def benchmark(
     metas = onnx_input_metas(path)
     overrides = {k: tuple(int(d) for d in v) for k, v in (inputs or {}).items()}
     check_overrides(metas, overrides)
-    sizes = list(dict.fromkeys(batch_sizes)) if batch_sizes else [default_batch_size(metas, overrides)]
-    bad = [b for b in sizes if not isinstance(b, int) or b < 1]
-    if bad:
-        raise UsageError(f"batch sizes must be positive integers, got {bad}")
+    sizes = _batch_sizes(batch_sizes, metas, overrides)
     shapes_by_batch = {b: batch_shapes(metas, b, overrides) for b in sizes}  # static-batch errors up front
-    baseline_data: Mapping[str, Any] | None = None
-    limit = 0.0
-    if baseline is not None:
-        from normfold.bench.regression import load_baseline, parse_fraction
-
-        limit = parse_fraction(max_regression)
-        baseline_data = baseline if isinstance(baseline, Mapping) else load_baseline(baseline)
+    baseline_data, limit = _read_baseline(baseline, max_regression)
     for name in names:
         get_backend(name).ensure_available("fp32")
     model_names: list[str] | None = None
@@ -419,18 +316,14 @@ def benchmark(
         _, model_names, model_shapes = _as_module(model)
         check_model_inputs(model_names, model_shapes, metas)
 
-    n_threads = resolve_threads(threads)
-    thread_info = {
-        "intra_op_threads": n_threads,
-        "inter_op_threads": inter_op_threads,
-        "torch_threads": n_threads if "torch" in names else None,
-        "policy": "ORT intra_op_num_threads and torch.set_num_threads use the same count",
-    }
+    run = _RunSettings(
+        model, resolve_threads(threads), inter_op_threads, graph_optimization_level, torch_compile, cuda_graph
+    )
     report = BenchReport(
         onnx_path=str(path),
         model=getattr(model, "ref", type(model).__name__) if model is not None else None,
         schedule=schedule.to_dict(),
-        environment=collect_environment(thread_info),
+        environment=collect_environment(run.thread_info(names)),
     )
     for name in names:
         for b in sizes:
@@ -438,45 +331,7 @@ def benchmark(
             if progress is not None:
                 progress(f"{name} batch {b}: {schedule.describe()}")
             log.info("bench %s at batch %d (%s)", name, b, schedule.describe())
-            options: dict[str, Any]
-            if name == "torch":
-                load_ms, first_ms, m = _bench_torch(model, metas, feeds, schedule, n_threads, torch_compile)
-                copies = False
-                options = {"torch_threads": n_threads, "torch_compile": torch_compile, "inference_mode": True}
-            else:
-                so = session_options_for(
-                    name,
-                    batch_size=b,
-                    threads=n_threads,
-                    inter_op_threads=inter_op_threads,
-                    graph_optimization_level=graph_optimization_level,
-                    cuda_graph=cuda_graph,
-                    shapes={k: v.shape for k, v in feeds.items()},
-                )
-                load_ms, first_ms, m, copies = _bench_onnx(name, path, feeds, so, schedule)
-                options = {
-                    "graph_optimization_level": so.graph_optimization_level,
-                    "intra_op_threads": so.intra_op_threads,
-                    "inter_op_threads": so.inter_op_threads,
-                    "cuda_graph": so.cuda_graph,
-                }
-                if name != "ort-cpu":  # device backends bind inputs/outputs inside their runner
-                    options["io_binding_requested"] = so.io_binding
-            report.results.append(
-                BenchResult(
-                    backend=name,
-                    batch_size=b,
-                    first_run_ms=load_ms + first_ms,
-                    load_ms=load_ms,
-                    first_infer_ms=first_ms,
-                    stats=summarize(m.samples_ns, b),
-                    copies_included=copies,
-                    options=options,
-                    warmup_iterations=m.warmup_iterations,
-                    warmup_ms=m.warmup_ns / 1e6,
-                    samples_ms=[s / 1e6 for s in m.samples_ns],
-                )
-            )
+            report.results.append(_measure_one(name, b, path, feeds, schedule, metas, run))
     if baseline_data is not None:
         from normfold.bench.regression import check_regression
 
@@ -484,3 +339,94 @@ def benchmark(
         if not isinstance(baseline, Mapping):
             report.regression.baseline = str(baseline)
     return report
+
+
+@dataclass(frozen=True)
+class _RunSettings:
+    """The settings every (backend, batch size) run of one :func:`benchmark` call shares."""
+
+    model: Any
+    n_threads: int
+    inter_op_threads: int | None
+    graph_optimization_level: str
+    torch_compile: bool | str
+    cuda_graph: bool
+
+    def thread_info(self, names: Sequence[str]) -> dict[str, Any]:
+        return {
+            "intra_op_threads": self.n_threads,
+            "inter_op_threads": self.inter_op_threads,
+            "torch_threads": self.n_threads if "torch" in names else None,
+            "policy": "ORT intra_op_num_threads and torch.set_num_threads use the same count",
+        }
+
+
+def _batch_sizes(batch_sizes: Sequence[int] | None, metas: list[TensorMeta], overrides: dict[str, Shape]) -> list[int]:
+    """The requested sizes once each in order, else the model's own batch size; positive integers only."""
+    sizes = list(dict.fromkeys(batch_sizes)) if batch_sizes else [default_batch_size(metas, overrides)]
+    bad = [b for b in sizes if not isinstance(b, int) or b < 1]
+    if bad:
+        raise UsageError(f"batch sizes must be positive integers, got {bad}")
+    return sizes
+
+
+def _read_baseline(
+    baseline: str | Path | Mapping[str, Any] | None, max_regression: float | str
+) -> tuple[Mapping[str, Any] | None, float]:
+    """The baseline to check against (read before anything runs, so a bad file fails fast) and the limit."""
+    if baseline is None:
+        return None, 0.0
+    from normfold.bench.regression import load_baseline, parse_fraction
+
+    limit = parse_fraction(max_regression)
+    return (baseline if isinstance(baseline, Mapping) else load_baseline(baseline)), limit
+
+
+def _measure_one(
+    name: str,
+    b: int,
+    path: Path,
+    feeds: dict[str, np.ndarray],
+    schedule: Schedule,
+    metas: list[TensorMeta],
+    run: _RunSettings,
+) -> BenchResult:
+    """One backend at one batch size: load, first run, warmup and the timed samples, with the options
+    that were in effect."""
+    options: dict[str, Any]
+    if name == "torch":
+        load_ms, first_ms, m = _bench_torch(run.model, metas, feeds, schedule, run.n_threads, run.torch_compile)
+        copies = False
+        options = {"torch_threads": run.n_threads, "torch_compile": run.torch_compile, "inference_mode": True}
+    else:
+        so = session_options_for(
+            name,
+            batch_size=b,
+            threads=run.n_threads,
+            inter_op_threads=run.inter_op_threads,
+            graph_optimization_level=run.graph_optimization_level,
+            cuda_graph=run.cuda_graph,
+            shapes={k: v.shape for k, v in feeds.items()},
+        )
+        load_ms, first_ms, m, copies = _bench_onnx(name, path, feeds, so, schedule)
+        options = {
+            "graph_optimization_level": so.graph_optimization_level,
+            "intra_op_threads": so.intra_op_threads,
+            "inter_op_threads": so.inter_op_threads,
+            "cuda_graph": so.cuda_graph,
+        }
+        if name != "ort-cpu":  # device backends bind inputs/outputs inside their runner
+            options["io_binding_requested"] = so.io_binding
+    return BenchResult(
+        backend=name,
+        batch_size=b,
+        first_run_ms=load_ms + first_ms,
+        load_ms=load_ms,
+        first_infer_ms=first_ms,
+        stats=summarize(m.samples_ns, b),
+        copies_included=copies,
+        options=options,
+        warmup_iterations=m.warmup_iterations,
+        warmup_ms=m.warmup_ns / 1e6,
+        samples_ms=[s / 1e6 for s in m.samples_ns],
+    )

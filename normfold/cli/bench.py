@@ -167,7 +167,7 @@ def bench_cmd(
     max_regression: str = typer.Option("10%", "--max-regression", help="Allowed p50 increase, e.g. 10% (or 0.1)."),
 ) -> None:
     """Latency per backend and batch size with first-run, percentiles and throughput; exit 1 on a regression."""
-    from normfold.bench import benchmark, write_plot
+    from normfold.bench import benchmark
 
     if warmup is not None and warmup_s is not None:
         raise UsageError("give either --warmup N or --warmup-s S, not both")
@@ -210,9 +210,19 @@ def bench_cmd(
             max_regression=max_regression,
             progress=lambda msg: status.update(f"benchmarking {escape(msg)}"),
         )
+    _render(report, console, seed=seed, json_out=json_out, plot=plot)
+    if not report.passed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _render(report: BenchReport, console: Console, *, seed: int, json_out: str | None, plot: Path | None) -> None:
+    """Write the requested files, then the table, drift warnings and the regression verdict."""
+    to_stdout = json_out == "-"
     if json_out:
         _write_json(report, json_out)
     if plot:
+        from normfold.bench import write_plot
+
         write_plot(report, plot)
     if not to_stdout:
         _wide(console).print(bench_table(report))
@@ -242,5 +252,3 @@ def bench_cmd(
         for target in (json_out, plot):
             if target:
                 console.print(f"wrote {escape(str(target))}")
-    if not report.passed:
-        raise typer.Exit(EXIT_CHECK_FAILED)

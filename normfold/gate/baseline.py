@@ -65,9 +65,9 @@ def load_baseline(path: str | Path) -> Baseline | None:
 def baseline_entry(result: CaseResult) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "outputs": {
-            name: {k: m[k] for k in ("max_abs", "max_rel", "rel_l2") if k in m} for name, m in result.outputs.items()
+            name: {"max_abs": m.max_abs, "max_rel": m.max_rel, "rel_l2": m.rel_l2} for name, m in result.outputs.items()
         },
-        "atol": result.tolerance.get("atol"),
+        "atol": _case_atol(result),
     }
     if result.latency and "p50_ms" in result.latency:
         entry["p50_ms"] = result.latency["p50_ms"]
@@ -78,6 +78,10 @@ def baseline_entry(result: CaseResult) -> dict[str, Any]:
     if result.layers:
         entry["layers"] = _layer_errors(result.layers)
     return entry
+
+
+def _case_atol(result: CaseResult) -> float | None:
+    return result.tolerance.atol if result.tolerance is not None else None
 
 
 def _layer_errors(layers: dict[str, Any]) -> dict[str, float]:
@@ -132,7 +136,7 @@ def drift_origin(result: CaseResult, entry: dict[str, Any], factor: float, floor
         name, new = row.get("name"), row.get("max_abs")
         if name not in old or not isinstance(new, (int, float)):
             continue
-        atol = float((row.get("tolerance") or {}).get("atol") or result.tolerance.get("atol") or 0.0)
+        atol = float((row.get("tolerance") or {}).get("atol") or _case_atol(result) or 0.0)
         reference = max(float(old[name]), floor * atol)
         if reference > 0 and new > factor * reference:
             return f"{name} (max_abs {new:.3g} vs baseline {float(old[name]):.3g})"
@@ -143,16 +147,15 @@ def drift_findings(result: CaseResult, entry: dict[str, Any], factor: float, flo
     """Outputs whose max_abs grew beyond ``factor`` × max(baseline, floor·atol), with the layer where the
     growth started when the baseline recorded layers."""
     findings = []
-    atol = float(result.tolerance.get("atol") or entry.get("atol") or 0.0)
+    atol = float(_case_atol(result) or entry.get("atol") or 0.0)
     for name, old in (entry.get("outputs") or {}).items():
         new = result.outputs.get(name)
         if new is None or "max_abs" not in old:
             continue
         reference = max(float(old["max_abs"]), floor * atol)
-        if reference > 0 and new["max_abs"] > factor * reference:
+        if reference > 0 and new.max_abs > factor * reference:
             findings.append(
-                f"numeric drift on {name}: max_abs {new['max_abs']:.3g} > {factor:g}× "
-                f"baseline {float(old['max_abs']):.3g}"
+                f"numeric drift on {name}: max_abs {new.max_abs:.3g} > {factor:g}× baseline {float(old['max_abs']):.3g}"
             )
     if findings:
         origin = drift_origin(result, entry, factor, floor)

@@ -1,10 +1,10 @@
 """Gate cases: one model × backend × precision, run end to end into a verdict.
 
 A case runs: availability probe → load the eager model → export (or take the given ONNX artifact) →
-optimize (when :func:`normfold.fusers.optimize` is available) → compare against eager, outputs and every
+optimize for the case's backend → compare against eager, outputs and every
 layer from one eager run and one backend run → optional benchmark → verdict. :class:`CaseSpec` and
-:class:`CaseResult` hold only plain data, so a case can run in this process, in a worker process or as a
-Ray task and come back unchanged.
+:class:`CaseResult` hold typed data that pickles (:mod:`normfold.gate.records`), so a case can run in
+this process, in a worker process or as a Ray task and come back unchanged.
 
 Statuses:
 
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from normfold.errors import BackendUnavailableError, NormfoldError
+from normfold.gate.records import CaseTolerance, Divergence, OutputMetrics
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,11 @@ class CaseSpec:
 
 @dataclass
 class CaseResult:
-    """The verdict of one case with everything a report needs (plain data only)."""
+    """The verdict of one case with everything a report needs.
+
+    ``tolerance``, ``outputs`` and ``first_divergence`` are typed; assigning the JSON form (a dict, as
+    read back from a report) builds the typed value, so a result round-trips through ``to_dict()``.
+    """
 
     case_id: str
     model: str
@@ -76,9 +81,9 @@ class CaseResult:
     status: CaseStatus
     reason: str = ""
     stage: str = ""
-    tolerance: dict[str, Any] = field(default_factory=dict)
-    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    first_divergence: dict[str, Any] | None = None
+    tolerance: CaseTolerance | None = None
+    outputs: dict[str, OutputMetrics] = field(default_factory=dict)
+    first_divergence: Divergence | None = None
     layers: dict[str, Any] | None = None
     optimize: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
@@ -88,6 +93,15 @@ class CaseResult:
     onnx_path: str = ""
     notes: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "outputs":
+            value = {key: OutputMetrics.of(m) for key, m in value.items()}
+        elif name == "first_divergence" and value is not None:
+            value = Divergence.of(value)
+        elif name == "tolerance" and value is not None:
+            value = CaseTolerance.of(value) if value else None
+        super().__setattr__(name, value)
 
     @property
     def passed(self) -> bool:
@@ -99,25 +113,22 @@ class CaseResult:
 
     @property
     def max_abs(self) -> float | None:
-        values = [o["max_abs"] for o in self.outputs.values() if "max_abs" in o]
-        return max(values) if values else None
+        return max((o.max_abs for o in self.outputs.values()), default=None)
 
     @property
     def max_rel(self) -> float | None:
-        values = [o["max_rel"] for o in self.outputs.values() if "max_rel" in o]
-        return max(values) if values else None
+        return max((o.max_rel for o in self.outputs.values()), default=None)
 
     @property
     def min_cosine(self) -> float | None:
-        values = [o["cosine"] for o in self.outputs.values() if "cosine" in o]
-        return min(values) if values else None
+        return min((o.cosine for o in self.outputs.values()), default=None)
 
     def nonfinite_summary(self) -> str:
         """``non-finite: y 12 (reference 12)`` for outputs holding NaN/Inf on either side, else empty."""
         found = [
-            f"{name} {m.get('nonfinite', 0)} (reference {m.get('expected_nonfinite', 0)})"
+            f"{name} {m.nonfinite} (reference {m.expected_nonfinite})"
             for name, m in self.outputs.items()
-            if m.get("nonfinite") or m.get("expected_nonfinite")
+            if m.nonfinite or m.expected_nonfinite
         ]
         return f"non-finite: {', '.join(found)}" if found else ""
 
@@ -143,6 +154,8 @@ class CaseResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["tolerance"] is None:
+            d["tolerance"] = {}  # the JSON form of a case that never got a tolerance (skipped at the probe)
         d["passed"] = self.passed
         return d
 
@@ -157,34 +170,9 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def _get(obj: Any, key: str, default: Any = None) -> Any:
-    """Attribute or mapping access: reports from other modules may be dataclasses or dicts."""
-    if isinstance(obj, dict):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
-
-
-def _first_divergence(layers: Any) -> dict[str, Any] | None:
-    if layers is None:
-        return None
-    data = layers.to_dict() if hasattr(layers, "to_dict") else layers
-    first = _get(data, "first_divergence")
-    if first is None:
-        return None
-    return (
-        first if isinstance(first, dict) else (first.to_dict() if hasattr(first, "to_dict") else {"module": str(first)})
-    )
-
-
-def describe_divergence(first: dict[str, Any] | None) -> str:
-    """One line: where the numbers first went wrong, and by how much."""
-    if not first:
-        return ""
-    where = first.get("name") or first.get("module") or first.get("onnx_node") or "?"
-    op = f" ({first['op_type']})" if first.get("op_type") else ""
-    node = f" at ONNX node {first['onnx_node']}" if first.get("onnx_node") and first.get("module") else ""
-    metrics = ", ".join(f"{k}={first[k]:.3g}" for k in ("max_abs", "max_rel") if isinstance(first.get(k), (int, float)))
-    return f"first divergent layer: {where}{op}{node}" + (f" ({metrics})" if metrics else "")
+def describe_divergence(first: Divergence | None) -> str:
+    """One line: where the numbers first went wrong, and by how much (empty when nothing diverged)."""
+    return first.describe() if first is not None else ""
 
 
 class _Stage:
@@ -246,7 +234,7 @@ def _run(spec: CaseSpec, result: CaseResult, tmp: Path, stage: _Stage) -> None:
         return
 
     tol = tolerance_for(spec.precision, s.get("atol"), s.get("rtol"))
-    result.tolerance = tol.to_dict()
+    result.tolerance = CaseTolerance.of(tol)
 
     stage.name = "load"
     from normfold.models.loader import load_model, parse_input_spec
@@ -280,23 +268,20 @@ def _run(spec: CaseSpec, result: CaseResult, tmp: Path, stage: _Stage) -> None:
 
 def _optimize(src: Path, dst: Path, passes: list[str] | None, result: CaseResult, backend: str) -> Path:
     """Optimize for the case's backend (its norm forms); a backend that is not a runtime gets ``portable``."""
-    try:
-        from normfold.fusers import optimize
-        from normfold.fusers.lowering import TARGETS
-    except ImportError as e:
-        log.debug("optimize unavailable: %s", e)
-        result.notes.append("optimize unavailable in this build (no normfold.fusers.optimize); checked the raw export")
-        result.optimize = {"available": False}
-        return src
+    from normfold.fusers import optimize
+    from normfold.fusers.lowering import TARGETS
+
     target = backend if backend in TARGETS else "portable"
     report = optimize(src, dst, passes=passes, target=target)
-    summary: dict[str, Any] = {"available": True, "target": target}
-    for key in ("applied", "ops_before", "ops_after", "total_seconds"):
-        value = _get(report, key)
-        if value is not None:
-            summary[key] = value
-    result.optimize = summary
-    return Path(_get(report, "output") or dst)
+    result.optimize = {
+        "available": True,
+        "target": target,
+        "applied": report.applied,
+        "ops_before": report.ops_before,
+        "ops_after": report.ops_after,
+        "total_seconds": report.total_seconds,
+    }
+    return Path(report.output or dst)
 
 
 def _output_tolerances(spec: CaseSpec) -> dict[str, Any]:
@@ -350,7 +335,7 @@ def _compare(spec: CaseSpec, loaded: Any, onnx_path: Path, result: CaseResult) -
     if backend.status == "error":
         result.fail(f"{spec.backend} failed to run the model: {backend.reason}", "compare", "error")
         return
-    metrics = {name: m.to_dict() for name, m in backend.outputs.items()}
+    metrics = {name: OutputMetrics.of(m) for name, m in backend.outputs.items()}
     unknown = sorted(set(kwargs["output_tolerances"]) - set(metrics))
     if unknown and metrics:
         result.fail(
@@ -362,27 +347,24 @@ def _compare(spec: CaseSpec, loaded: Any, onnx_path: Path, result: CaseResult) -
     result.outputs = metrics
     if backend.layers is not None:
         result.layers = backend.layers.to_dict()
-        result.first_divergence = _first_divergence(backend.layers)
+        first = backend.layers.first_divergence
+        result.first_divergence = None if first is None else Divergence.of(first)
     if backend.status == "failed" and not backend.outputs:
         result.fail(backend.reason, "compare")  # e.g. output count differs from eager
         return
     _verdict(result, metrics, report.fail_on)
 
 
-def _verdict(result: CaseResult, metrics: dict[str, dict[str, Any]], fail_on: str) -> None:
+def _verdict(result: CaseResult, metrics: dict[str, OutputMetrics], fail_on: str) -> None:
     """Fail on outputs out of tolerance, or on a diverging layer when layers decide; say which."""
     line = describe_divergence(result.first_divergence)
-    bad = [name for name, m in metrics.items() if not m["passed"]]
+    bad = [name for name, m in metrics.items() if not m.passed]
     if bad:
-        worst = max(bad, key=lambda n: metrics[n]["max_abs"])
+        worst = max(bad, key=lambda n: metrics[n].max_abs)
         m = metrics[worst]
-        reason = (
-            f"outputs {bad} out of tolerance; {worst}: max_abs={m['max_abs']:.3g} max_rel={m['max_rel']:.3g} "
-            f"cosine={m['cosine']:.6f} mismatch={m['mismatch_fraction']:.2%} "
-            f"(atol={m['atol']:g}, rtol={m['rtol']:g}, atol_eff={m.get('atol_eff') or m['atol']:.3g})"
-        )
-        if m.get("reason"):
-            reason += f"; {m['reason']}"
+        reason = f"outputs {bad} out of tolerance; {worst}: {m.describe()}"
+        if m.reason:
+            reason += f"; {m.reason}"
         result.fail(f"{line}; {reason}" if line else reason, "compare")
         return
     if not line:

@@ -79,10 +79,10 @@ def layer_plot_png(case: CaseResult) -> bytes | None:
             tols = [float(t or 0.0) for t in layer_tols]
             ax.plot(range(len(rows)), tols, "_", color="#1f2328", markersize=18, label="layer tolerance")
             ax.legend(loc="upper left")
-        elif case.tolerance.get("atol"):
-            ax.axhline(float(case.tolerance["atol"]), color="#9a6700", linestyle="--", linewidth=1, label="atol")
+        elif case.tolerance is not None and case.tolerance.atol:
+            ax.axhline(case.tolerance.atol, color="#9a6700", linestyle="--", linewidth=1, label="atol")
             ax.legend(loc="upper left")
-        first = (case.first_divergence or {}).get("name")
+        first = case.first_divergence.name if case.first_divergence is not None else None
         first_index = next((i for i, r in enumerate(rows) if first and r.get("name") == first), None)
         ratios = [v / t if t else v for v, t in zip(values, layer_tols, strict=True)]
         shown = labelled_layers(ratios, first_index)
@@ -104,9 +104,8 @@ def _case_section(case: CaseResult) -> str:
     where = describe_divergence(case.first_divergence)
     if where:
         parts.append(f"<p>{e(where)}</p>")
-    explanation = (case.first_divergence or {}).get("explanation")
-    if explanation:
-        parts.append(f"<p><i>{e(str(explanation))}</i></p>")
+    if case.first_divergence is not None and case.first_divergence.explanation:
+        parts.append(f"<p><i>{e(case.first_divergence.explanation)}</i></p>")
     if case.outputs:
         parts.append(
             "<table><tr><th>output</th><th>max abs</th><th>max rel</th><th>cosine</th><th>rel L2</th>"
@@ -114,11 +113,11 @@ def _case_section(case: CaseResult) -> str:
         )
         for name, m in case.outputs.items():
             parts.append(
-                f"<tr><td>{e(name)}</td><td class=num>{num(m['max_abs'])}</td><td class=num>{num(m['max_rel'])}</td>"
-                f"<td class=num>{m['cosine']:.7f}</td><td class=num>{num(m['rel_l2'])}</td>"
-                f"<td class=num>{m['mismatch_fraction']:.2%}</td>"
-                f"<td class=num>{m.get('nonfinite', 0)} ({m.get('expected_nonfinite', 0)})</td>"
-                f"<td>{'ok' if m['passed'] else e('FAIL ' + m['reason'])}</td></tr>"
+                f"<tr><td>{e(name)}</td><td class=num>{num(m.max_abs)}</td><td class=num>{num(m.max_rel)}</td>"
+                f"<td class=num>{m.cosine:.7f}</td><td class=num>{num(m.rel_l2)}</td>"
+                f"<td class=num>{m.mismatch_fraction:.2%}</td>"
+                f"<td class=num>{m.nonfinite} ({m.expected_nonfinite})</td>"
+                f"<td>{'ok' if m.passed else e('FAIL ' + m.reason)}</td></tr>"
             )
         parts.append("</table>")
     # Plots where they explain something (a failure or a masked divergence); every case keeps its table.

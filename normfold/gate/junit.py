@@ -28,15 +28,15 @@ def _clean(text: str) -> str:
 
 def _details(case: CaseResult) -> str:
     lines = [f"case: {case.case_id}", f"status: {case.status} ({case.stage or 'verdict'})", f"reason: {case.reason}"]
-    if case.tolerance:
-        lines.append(f"tolerance: {json.dumps(case.tolerance)}")
+    if case.tolerance is not None:
+        lines.append(f"tolerance: {json.dumps(case.tolerance.to_dict())}")
     for name, m in case.outputs.items():
         lines.append(
-            f"output {name}: max_abs={m['max_abs']:.3g} max_rel={m['max_rel']:.3g} cosine={m['cosine']:.7f} "
-            f"rel_l2={m['rel_l2']:.3g} mismatch={m['mismatch_fraction']:.2%} {'ok' if m['passed'] else 'FAIL'}"
+            f"output {name}: max_abs={m.max_abs:.3g} max_rel={m.max_rel:.3g} cosine={m.cosine:.7f} "
+            f"rel_l2={m.rel_l2:.3g} mismatch={m.mismatch_fraction:.2%} {'ok' if m.passed else 'FAIL'}"
         )
-    if case.first_divergence:
-        lines.append(f"first divergence: {json.dumps(case.first_divergence, default=str)}")
+    if case.first_divergence is not None:
+        lines.append(f"first divergence: {json.dumps(case.first_divergence.to_dict(), default=str)}")
     lines.extend(f"note: {n}" for n in case.notes)
     return "\n".join(lines)
 

@@ -63,11 +63,10 @@ def markdown_summary(report: GateReport) -> str:
             lines.append(f"- **{case.case_id}** ({case.stage or 'verdict'}): {_cell(case.reason)}")
             if where and where not in case.reason:
                 lines.append(f"  - {where}")
-            explanation = (case.first_divergence or {}).get("explanation")
-            if explanation:
-                lines.append(f"  - {_cell(str(explanation))}")
-            if case.tolerance:
-                lines.append(f"  - tolerance: atol={case.tolerance.get('atol')}, rtol={case.tolerance.get('rtol')}")
+            if case.first_divergence is not None and case.first_divergence.explanation:
+                lines.append(f"  - {_cell(case.first_divergence.explanation)}")
+            if case.tolerance is not None:
+                lines.append(f"  - tolerance: atol={case.tolerance.atol}, rtol={case.tolerance.rtol}")
     if report.notes:
         lines += ["", "### Notes", ""] + [f"- {_cell(n)}" for n in report.notes]
     return "\n".join(lines) + "\n"

@@ -157,19 +157,9 @@ def run_gate(
         config, require=require, baseline=previous, update=update_baseline_file, baseline_path=baseline_path
     )
     reports = _report_paths(config, junit=junit, summary=summary, html=html, json_path=json_path)
-    for kind, path in reports.items():  # before minutes of cases, not after
-        check_output(path, inputs=[config.path, baseline_path], flag=kind)
-    if update_baseline_file and baseline_path is not None:
-        check_output(baseline_path, inputs=[config.path], flag="baseline")
+    _check_outputs(config, reports, baseline_path if update_baseline_file else None, baseline_path)
     if executor_name in ("local", "process"):
-        # Same machine: probe each backend once here instead of once per worker (a CUDA probe costs seconds).
-        # Ray cases probe where they run, since the cluster's machines may differ from this one.
-        probes: dict[tuple[str, str], str] = {}
-        for spec in specs:
-            key = (spec.backend, spec.precision)
-            if key not in probes:
-                probes[key] = probe_reason(*key)
-            spec.unavailable = probes[key]
+        _probe_here(specs)
     if on_plan is not None:
         on_plan(specs)
 
@@ -196,7 +186,40 @@ def run_gate(
         _write_reports_best_effort(report, reports)
         raise
 
-    if previous is not None and not update_baseline_file:
+    _settle_baseline(report, config, previous, baseline_path, update_baseline_file)
+    report.duration_s = time.perf_counter() - started
+    _write_reports(report, reports)
+    log.info("%s", report.verdict_line())
+    return report
+
+
+def _check_outputs(
+    config: GateConfig, reports: dict[str, Path], baseline_out: Path | None, baseline_in: Path | None
+) -> None:
+    """Every file the gate will write is writable and overwrites none of its inputs: checked before
+    minutes of cases, not after."""
+    for kind, path in reports.items():
+        check_output(path, inputs=[config.path, baseline_in], flag=kind)
+    if baseline_out is not None:
+        check_output(baseline_out, inputs=[config.path], flag="baseline")
+
+
+def _probe_here(specs: list[CaseSpec]) -> None:
+    """Same machine: probe each backend once here instead of once per worker (a CUDA probe costs
+    seconds). Ray cases probe where they run, since the cluster's machines may differ from this one."""
+    probes: dict[tuple[str, str], str] = {}
+    for spec in specs:
+        key = (spec.backend, spec.precision)
+        if key not in probes:
+            probes[key] = probe_reason(*key)
+        spec.unavailable = probes[key]
+
+
+def _settle_baseline(
+    report: GateReport, config: GateConfig, previous: Baseline | None, path: Path | None, update: bool
+) -> None:
+    """Judge the cases against the stored baseline, or store them in it (``--update-baseline``)."""
+    if previous is not None and not update:
         apply_baseline(
             report.cases,
             previous,
@@ -204,16 +227,12 @@ def run_gate(
             drift_floor=config.drift_floor,
             latency_threshold=config.latency_regression,
         )
-    elif baseline_path is not None and not update_baseline_file:
-        report.notes.append(f"no baseline at {baseline_path} yet; create it with --update-baseline")
-    if update_baseline_file and baseline_path is not None:
-        stored = update_baseline(report.cases, baseline_path, previous)
+    elif path is not None and not update:
+        report.notes.append(f"no baseline at {path} yet; create it with --update-baseline")
+    if update and path is not None:
+        stored = update_baseline(report.cases, path, previous)
         report.baseline_updated = True
-        report.notes.append(f"baseline {baseline_path} updated ({len(stored.cases)} cases)")
-    report.duration_s = time.perf_counter() - started
-    _write_reports(report, reports)
-    log.info("%s", report.verdict_line())
-    return report
+        report.notes.append(f"baseline {path} updated ({len(stored.cases)} cases)")
 
 
 def _no_verdict(spec: CaseSpec, reason: str) -> CaseResult:

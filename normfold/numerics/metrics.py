@@ -59,6 +59,39 @@ def _finite(x: float) -> float:
     return float(x) if np.isfinite(x) else float("inf")
 
 
+def _nonfinite_diff(
+    a: np.ndarray, e: np.ndarray, tol: Tolerance
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """The slow path: the same NaN/Inf at the same place is "matching" (zeroed on both sides, and a
+    mismatch unless ``allow_nonfinite``); anything else non-finite differs by ``inf``. Returns the
+    cleaned arrays, ``|a-e|`` and the counts (non-finite in result, in reference, matching)."""
+    a_bad, e_bad = ~np.isfinite(a), ~np.isfinite(e)
+    nonfinite, expected_nonfinite = int(np.count_nonzero(a_bad)), int(np.count_nonzero(e_bad))
+    same = (np.isnan(a) & np.isnan(e)) | (a_bad & e_bad & (a == e))
+    matching_nonfinite = int(np.count_nonzero(same))
+    a, e = np.where(same, 0.0, a), np.where(same, 0.0, e)
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(a - e)
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    if not tol.allow_nonfinite:
+        diff = np.where(same, np.inf, diff)
+    return a, e, diff, (nonfinite, expected_nonfinite, matching_nonfinite)
+
+
+def _cosine_rel_l2(a: np.ndarray, e: np.ndarray, diff: np.ndarray) -> tuple[float, float]:
+    """Cosine similarity and ``‖a-e‖/‖e‖`` with plain reductions, not BLAS dot/norm: those wake
+    OpenBLAS threads, which costs milliseconds on a busy machine for what is a single pass here."""
+    na, ne = float(np.sqrt(np.sum(a * a))), float(np.sqrt(np.sum(e * e)))
+    if na == 0.0 and ne == 0.0:
+        cosine = 1.0
+    elif na == 0.0 or ne == 0.0 or not (np.isfinite(na) and np.isfinite(ne)):
+        cosine = 0.0
+    else:
+        cosine = float(np.sum(a * e) / (na * ne))
+    l2 = float(np.sqrt(np.sum(diff * diff)))
+    return cosine, l2 / ne if ne > 0 else (0.0 if na == 0 else float("inf"))
+
+
 def compare_tensors(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> TensorMetrics:
     """All metrics of ``actual`` against the reference ``expected`` under ``tol``."""
     a_arr, e_arr = np.asarray(actual), np.asarray(expected)
@@ -104,17 +137,7 @@ def compare_tensors(name: str, actual: np.ndarray, expected: np.ndarray, tol: To
         )
     nonfinite = expected_nonfinite = matching_nonfinite = 0
     if not (np.isfinite(a).all() and np.isfinite(e).all()):
-        # Slow path: the same NaN/Inf at the same place is "matching"; anything else non-finite differs.
-        a_bad, e_bad = ~np.isfinite(a), ~np.isfinite(e)
-        nonfinite, expected_nonfinite = int(np.count_nonzero(a_bad)), int(np.count_nonzero(e_bad))
-        same = (np.isnan(a) & np.isnan(e)) | (a_bad & e_bad & (a == e))
-        matching_nonfinite = int(np.count_nonzero(same))
-        a, e = np.where(same, 0.0, a), np.where(same, 0.0, e)
-        with np.errstate(invalid="ignore"):
-            diff = np.abs(a - e)
-        diff = np.where(np.isnan(diff), np.inf, diff)
-        if not tol.allow_nonfinite:
-            diff = np.where(same, np.inf, diff)
+        a, e, diff, (nonfinite, expected_nonfinite, matching_nonfinite) = _nonfinite_diff(a, e, tol)
     else:
         diff = np.abs(a - e)
     abs_e = np.abs(e)
@@ -122,17 +145,7 @@ def compare_tensors(name: str, actual: np.ndarray, expected: np.ndarray, tol: To
         mismatch = float(np.count_nonzero(~(diff <= tol.atol + tol.rtol * abs_e))) / diff.size
         significant = abs_e > max(tol.atol, np.finfo(np.float64).tiny)
         max_rel = float((diff[significant] / abs_e[significant]).max()) if significant.any() else 0.0
-        # Plain reductions, not BLAS dot/norm: those wake OpenBLAS threads, which costs milliseconds
-        # on a busy machine for what is a single pass here.
-        na, ne = float(np.sqrt(np.sum(a * a))), float(np.sqrt(np.sum(e * e)))
-        if na == 0.0 and ne == 0.0:
-            cosine = 1.0
-        elif na == 0.0 or ne == 0.0 or not (np.isfinite(na) and np.isfinite(ne)):
-            cosine = 0.0
-        else:
-            cosine = float(np.sum(a * e) / (na * ne))
-        l2 = float(np.sqrt(np.sum(diff * diff)))
-        rel_l2 = l2 / ne if ne > 0 else (0.0 if na == 0 else float("inf"))
+        cosine, rel_l2 = _cosine_rel_l2(a, e, diff)
     reasons = []
     one_sided = max(nonfinite, expected_nonfinite) - matching_nonfinite
     if one_sided > 0:
