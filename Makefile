@@ -21,6 +21,7 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(PY) scripts/check_sizes.py
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 # The GPU smoke run: every GPU path once, PASS/FAIL per path (scripts/gpu_smoke.sh); fails without a GPU.
