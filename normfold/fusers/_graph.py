@@ -236,6 +236,34 @@ def replace_output(names: Names, old: ir.Value, new: ir.Value, base: str) -> Non
         new.name = names.fresh(base)
 
 
+def swap_chain(
+    graph: ir.Graph,
+    names: Names,
+    chain: Sequence[ir.Node],
+    new: ir.Node,
+    output: ir.Value,
+    *,
+    owner: ir.Node,
+    dtype: ir.DataType,
+    base: str,
+) -> None:
+    """Replace the matched ``chain`` that computes ``output`` by the one node ``new``.
+
+    ``new`` takes the chain's module path (preferring ``owner``'s), the old output's dtype and shape, and is
+    inserted right after the output's producer: every replaced node is an ancestor of ``output``, so all of
+    ``new``'s inputs are already computed there. The chain and whatever only it kept alive are removed.
+    """
+    set_module_path(new, owner_path(chain, owner))
+    new.outputs[0].dtype = dtype
+    new.outputs[0].shape = output.shape
+    producer = output.producer()
+    if producer is None:
+        raise ValueError(f"value {output.name!r} has no producer; a matched chain always ends in a node")
+    graph.insert_after(producer, new)
+    replace_output(names, output, new.outputs[0], base)
+    remove_dead(graph, reversed(chain))
+
+
 def remove_dead(graph: ir.Graph, nodes: Iterable[ir.Node]) -> None:
     """Remove ``nodes`` (now unused) and every producer/initializer that only they kept alive."""
     outputs = set(graph.outputs)

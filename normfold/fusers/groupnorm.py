@@ -36,15 +36,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from normfold.exporter.provenance import set_module_path
 from normfold.fusers._facts import GraphFacts
 from normfold.fusers._graph import (
     other_operand,
-    owner_path,
     per_channel,
-    remove_dead,
-    replace_output,
     single_consumer,
+    swap_chain,
 )
 from normfold.fusers._normcore import NormCore, match_core
 from normfold.fusers.base import Reject, Rule, Scope, Site, register_rule
@@ -203,14 +200,9 @@ class GroupNormFusion(Rule[GroupNormSite]):
             attributes={"num_groups": site.groups, "epsilon": float(site.eps), "stash_type": 1},
             name=scope.names.fresh(f"{site.norm.name or 'GroupNorm'}_GroupNormalization"),
         )
-        set_module_path(gn, owner_path(site.nodes, site.norm))
-        gn.outputs[0].dtype = site.dtype
-        gn.outputs[0].shape = site.output.shape
-        producer = site.output.producer()
-        assert producer is not None
-        scope.graph.insert_after(producer, gn)  # every replaced node is an ancestor of the output
-        replace_output(scope.names, site.output, gn.outputs[0], f"{base}_gn")
-        remove_dead(scope.graph, reversed(site.nodes))
+        swap_chain(
+            scope.graph, scope.names, site.nodes, gn, site.output, owner=site.norm, dtype=site.dtype, base=f"{base}_gn"
+        )
         return [gn]
 
     def describe(self, site: GroupNormSite, created: list[ir.Node]) -> str:

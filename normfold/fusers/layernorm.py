@@ -31,9 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from normfold.exporter.provenance import set_module_path
 from normfold.fusers._facts import GraphFacts
-from normfold.fusers._graph import other_operand, owner_path, remove_dead, replace_output, single_consumer
+from normfold.fusers._graph import other_operand, single_consumer, swap_chain
 from normfold.fusers._normcore import NormCore, match_core
 from normfold.fusers.base import Reject, Rule, Scope, Site, register_rule
 
@@ -129,15 +128,16 @@ class LayerNormFusion(Rule[LayerNormSite]):
             attributes={"axis": site.axis, "epsilon": float(core.eps), "stash_type": int(_stash(site))},
             name=scope.names.fresh(f"{core.anchor.name or 'ReduceMean'}_LayerNormalization"),
         )
-        set_module_path(ln, owner_path(site.nodes, core.anchor))
-        out = site.output
-        ln.outputs[0].dtype = site.dtype
-        ln.outputs[0].shape = out.shape
-        producer = out.producer()
-        assert producer is not None
-        scope.graph.insert_after(producer, ln)  # every replaced node is an ancestor of ``out``
-        replace_output(scope.names, out, ln.outputs[0], f"{base}_ln")
-        remove_dead(scope.graph, reversed(site.nodes))
+        swap_chain(
+            scope.graph,
+            scope.names,
+            site.nodes,
+            ln,
+            site.output,
+            owner=core.anchor,
+            dtype=site.dtype,
+            base=f"{base}_ln",
+        )
         return [ln]
 
     def describe(self, site: LayerNormSite, created: list[ir.Node]) -> str:

@@ -28,9 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from normfold.exporter.provenance import set_module_path
 from normfold.fusers._facts import GraphFacts
-from normfold.fusers._graph import other_operand, owner_path, producer_op, remove_dead, replace_output, value_uses
+from normfold.fusers._graph import (
+    other_operand,
+    producer_op,
+    swap_chain,
+    value_uses,
+)
 from normfold.fusers._normcore import Mean, anchor_mean, leak_reason, mean_of
 from normfold.fusers.base import Reject, Rule, Scope, Site, register_rule
 from normfold.fusers.layernorm import affine_param
@@ -124,14 +128,16 @@ class RMSNormFusion(Rule[RMSNormSite]):
             attributes={"axis": site.axis, "epsilon": float(site.eps), "stash_type": 1},
             name=scope.names.fresh(f"{site.anchor.name or 'ReduceMean'}_RMSNormalization"),
         )
-        set_module_path(rms, owner_path(site.nodes, site.anchor))
-        rms.outputs[0].dtype = site.dtype
-        rms.outputs[0].shape = site.output.shape
-        producer = site.output.producer()
-        assert producer is not None
-        scope.graph.insert_after(producer, rms)  # every replaced node is an ancestor of the output
-        replace_output(scope.names, site.output, rms.outputs[0], f"{base}_rms")
-        remove_dead(scope.graph, reversed(site.nodes))
+        swap_chain(
+            scope.graph,
+            scope.names,
+            site.nodes,
+            rms,
+            site.output,
+            owner=site.anchor,
+            dtype=site.dtype,
+            base=f"{base}_rms",
+        )
         return [rms]
 
     def describe(self, site: RMSNormSite, created: list[ir.Node]) -> str:
