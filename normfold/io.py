@@ -182,3 +182,22 @@ def jsonable(obj: Any) -> Any:
 def json_text(obj: Any) -> str:
     """Strict, indented JSON of a report's ``to_dict()``; every JSON normfold writes goes through here."""
     return json.dumps(jsonable(obj), indent=2, allow_nan=False, default=str) + "\n"
+
+
+def load_npz(path: str | Path) -> dict[str, Any]:
+    """The arrays of an ``.npz`` inputs file (never unpickled); a missing or unreadable file is an
+    :class:`~normfold.errors.InputSpecError`. The one ``.npz`` reader: run, compare and the model loader use it."""
+    import zipfile
+
+    import numpy as np
+
+    from normfold.errors import InputSpecError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputSpecError(f"inputs file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise InputSpecError(f"cannot read inputs file {p} as .npz: {type(e).__name__}: {e}") from e

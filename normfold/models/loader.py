@@ -22,7 +22,6 @@ import logging
 import pickle
 import sys
 import uuid
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from normfold.errors import InputSpecError, ModelLoadError
+from normfold.io import load_npz
 from normfold.models.guard import user_code
 from normfold.models.registry import ZOO, InputSpec, seeded_inputs
 
@@ -134,15 +134,9 @@ def load_inputs_npz(path: str | Path, specs_or_names: Sequence[InputSpec] | Sequ
     file can also carry expected outputs.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputSpecError(f"inputs file not found: {path}")
     specs = [s if isinstance(s, InputSpec) else None for s in specs_or_names]
     names = [s.name if isinstance(s, InputSpec) else str(s) for s in specs_or_names]
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise InputSpecError(f"cannot read inputs file {path} as .npz: {type(e).__name__}: {e}") from e
+    arrays = load_npz(path)
     missing = [n for n in names if n not in arrays]
     if missing:
         raise InputSpecError(

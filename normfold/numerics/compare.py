@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from normfold.errors import BackendUnavailableError, InputSpecError, ModelCodeError, NormfoldError
+from normfold.io import load_npz
 from normfold.models.guard import user_code
 from normfold.numerics.metrics import TensorMetrics, compare_tensors
 from normfold.numerics.tolerances import Tolerance, fail_on_for, output_tolerance, tolerance_for
@@ -115,13 +116,7 @@ def resolve_inputs(
         return example_inputs, "seeded random (seed 0)"
     if isinstance(inputs, (str, Path)):
         path = Path(inputs)
-        if not path.exists():
-            raise InputSpecError(f"inputs file not found: {path}")
-        try:
-            data = np.load(path)
-        except Exception as e:
-            raise InputSpecError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from e
-        mapping: Mapping[str, np.ndarray] = {k: data[k] for k in data.files}
+        mapping: Mapping[str, np.ndarray] = load_npz(path)
         source = f"npz {path}"
     elif isinstance(inputs, Mapping):
         mapping, source = inputs, "given arrays"

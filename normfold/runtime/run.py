@@ -11,7 +11,7 @@ import numpy as np
 
 from normfold._memory import ensure_inputs_fit
 from normfold.errors import InputSpecError
-from normfold.io import atomic_open
+from normfold.io import atomic_open, load_npz
 from normfold.runtime.base import SessionOptions, TensorMeta
 from normfold.runtime.registry import get_backend
 
@@ -73,17 +73,6 @@ def _feed_shape(meta: TensorMeta, overrides: dict[str, tuple[int, ...]], dynamic
             )
         shape = tuple(int(d) for d in meta.shape)  # type: ignore[arg-type]
     return tuple(shape)
-
-
-def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    p = Path(path)
-    if not p.exists():
-        raise InputSpecError(f"inputs file not found: {p}")
-    try:
-        with np.load(p) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as e:
-        raise InputSpecError(f"{p} is not a readable .npz file ({type(e).__name__}: {e})") from e
 
 
 def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
