@@ -6,8 +6,9 @@ missing optional stack (CUDA, TensorRT, Ray) never breaks it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from normfold._lazy import lazy_attributes
 
 # What type checkers and IDEs see (``X as X`` marks a re-export); at run time names resolve in __getattr__.
 if TYPE_CHECKING:
@@ -54,14 +55,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'normfold' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes("normfold", _EXPORTS, globals())

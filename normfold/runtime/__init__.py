@@ -6,8 +6,9 @@ submodule import such as :mod:`normfold.runtime.probe` (which every CLI command 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from normfold._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from normfold.runtime.base import Backend as Backend
@@ -45,14 +46,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'normfold.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes("normfold.runtime", _EXPORTS, globals())
