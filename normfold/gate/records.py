@@ -16,6 +16,7 @@ older normfold still loads.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -28,10 +29,21 @@ from normfold.numerics.tolerances import Tolerance
 T = TypeVar("T")
 
 
+#: How :func:`normfold.io.json_text` writes the non-finite floats that strict JSON has no literal for.
+_NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
 def known_fields(cls: type[T], data: Mapping[str, Any], **overrides: Any) -> T:
-    """``cls(**data)`` over the keys ``cls`` declares (JSON-only and unknown keys dropped), plus ``overrides``."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return cls(**{**{k: v for k, v in data.items() if k in names}, **overrides})
+    """``cls(**data)`` over the keys ``cls`` declares (JSON-only and unknown keys dropped), plus ``overrides``.
+
+    A float field written as ``"inf"``/``"-inf"``/``"nan"`` (strict JSON) is read back as that float.
+    """
+    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kept = {k: v for k, v in data.items() if k in fields}
+    for key, value in kept.items():
+        if isinstance(value, str) and value in _NONFINITE and "float" in fields[key]:
+            kept[key] = _NONFINITE[value]
+    return cls(**{**kept, **overrides})
 
 
 def _omit_none(data: dict[str, Any]) -> dict[str, Any]:

@@ -66,6 +66,15 @@ def test_a_full_case_result_pickles_typed_and_round_trips_its_json() -> None:
     assert again == result and again.to_dict() == data
 
 
+def test_non_finite_metrics_come_back_as_floats_from_the_strict_json() -> None:
+    result = _full_result()
+    result.outputs["y"] = dataclasses.replace(result.outputs["y"], max_rel=float("inf"), cosine=float("nan"))
+    data = json.loads(json_text(result.to_dict()))
+    assert data["outputs"]["y"]["max_rel"] == "inf"
+    back = CaseResult.from_dict(data).outputs["y"]
+    assert back.max_rel == float("inf") and np.isnan(back.cosine) and back.name == "y"
+
+
 def test_a_skipped_case_keeps_its_empty_tolerance_in_json() -> None:
     skipped = CaseResult("m[ort-cuda-fp32]", "m", "ort-cuda", "fp32", "skipped")
     assert skipped.tolerance is None and skipped.to_dict()["tolerance"] == {}
