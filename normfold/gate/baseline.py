@@ -90,7 +90,7 @@ def _case_atol(result: CaseResult) -> float | None:
 
 
 def _compared(layers: LayerReport) -> list[LayerResult]:
-    """The layers with a number: compared rows (pass or fail) with a finite-or-not ``max_abs``."""
+    """The rows that carry an error: compared (pass or fail) with a ``max_abs``."""
     return [row for row in layers.layers if row.status in ("pass", "fail") and row.max_abs is not None]
 
 

@@ -22,6 +22,7 @@ import logging
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -145,7 +146,7 @@ class CaseResult:
             self.status = status
 
     def to_dict(self) -> dict[str, Any]:
-        def json(value: Any) -> Any:
+        def as_json(value: Any) -> Any:
             return None if value is None else value.to_dict()
 
         return {
@@ -153,10 +154,10 @@ class CaseResult:
             # {} is the JSON form of a case that never got a tolerance (skipped at the probe)
             "tolerance": {} if self.tolerance is None else self.tolerance.to_dict(),
             "outputs": {name: m.to_dict() for name, m in self.outputs.items()},
-            "first_divergence": json(self.first_divergence),
-            "layers": json(self.layers),
-            "optimize": json(self.optimize),
-            "latency": json(self.latency),
+            "first_divergence": as_json(self.first_divergence),
+            "layers": as_json(self.layers),
+            "optimize": as_json(self.optimize),
+            "latency": as_json(self.latency),
             "baseline": {} if self.baseline is None else self.baseline.to_dict(),
             "notes": list(self.notes),
             "passed": self.passed,
@@ -166,7 +167,7 @@ class CaseResult:
     def from_dict(cls, data: dict[str, Any]) -> CaseResult:
         """The case of a report's ``cases`` entry; keys it does not know are ignored."""
 
-        def read(key: str, reader: Any) -> Any:
+        def read(key: str, reader: Callable[[Any], Any]) -> Any:
             value = data.get(key)
             return reader(value) if value else None
 

@@ -19,12 +19,16 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from normfold.bench.stats import LatencyStats
 from normfold.numerics.layer_report import FirstDivergence, LayerReport, LayerResult
 from normfold.numerics.metrics import TensorMetrics
 from normfold.numerics.tolerances import Tolerance
+
+if TYPE_CHECKING:  # the gate imports the fuser pipeline lazily, only for cases that optimize
+    from normfold.bench.measure import StableMeasurement
+    from normfold.fusers.report import OptimizeReport
 
 T = TypeVar("T")
 
@@ -118,9 +122,8 @@ class OptimizeSummary:
     total_seconds: float
 
     @classmethod
-    def of(cls, report: Any, target: str) -> OptimizeSummary:
-        """The summary of an :class:`~normfold.fusers.report.OptimizeReport` (typed ``Any``: gate → fusers
-        is a lazy import)."""
+    def of(cls, report: OptimizeReport, target: str) -> OptimizeSummary:
+        """The summary of what :func:`normfold.fusers.optimize` did for ``target``."""
         return cls(target, report.applied, dict(report.ops_before), dict(report.ops_after), report.total_seconds)
 
     def describe(self) -> str:
@@ -158,8 +161,8 @@ class Windows:
     spread: float
 
     @classmethod
-    def of(cls, run: Any) -> Windows:
-        """From a :class:`~normfold.bench.measure.StableMeasurement`."""
+    def of(cls, run: StableMeasurement) -> Windows:
+        """The windows of one run measured until stable."""
         return known_fields(cls, run.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
