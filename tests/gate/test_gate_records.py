@@ -30,6 +30,8 @@ from normfold.numerics.tolerances import Tolerance
 
 #: Written by main's gate (before the typed records) with ``--update-baseline``: bench and per-layer on.
 MAIN_BASELINE = Path(__file__).with_name("data") / "baseline_v1_main.json"
+#: One case of the JSON report main's gate wrote against that baseline (latency interleaved, layers, optimize).
+MAIN_REPORT_CASE = Path(__file__).with_name("data") / "report_case_v1_main.json"
 
 
 def _full_result() -> CaseResult:
@@ -113,3 +115,14 @@ def test_a_baseline_written_by_main_still_loads_and_writes_back_the_same(tmp_pat
     assert update_baseline([], copy, previous).cases == baseline.cases
     assert json.loads(copy.read_text()) == on_disk
     assert Baseline.from_dict(on_disk).cases == baseline.cases
+
+
+def test_a_report_case_written_by_main_reads_back_typed_and_unchanged() -> None:
+    data = json.loads(MAIN_REPORT_CASE.read_text())
+    case = CaseResult.from_dict(data)
+    assert case.passed and case.tolerance == Tolerance(atol=1e-5, rtol=1e-4)
+    assert case.layers is not None and [row.name for row in case.layers.layers][-1] == "<root>"
+    assert case.latency is not None and case.latency.confirm is not None and case.latency.verdict == "noise"
+    assert case.optimize is not None and case.optimize.target == "ort-cpu"
+    assert case.baseline is not None and case.baseline.entry.p50_ms is not None
+    assert case.to_dict() == data
