@@ -28,8 +28,8 @@ test: setup
 test-gpu: setup
 	scripts/gpu_smoke.sh
 
-# mypy (config in pyproject) and the size limits (modules <= 500 lines, functions <= 80); not yet part of
-# `make test`: the fusers/numerics/gate/bench branches still carry errors when this was written.
+# Just the static checks of `make test` (which runs them too): mypy (config in pyproject, 0 errors) and the
+# size limits (modules <= 500 lines, functions <= 80), without the test suite.
 typecheck: setup
 	$(VENV)/bin/mypy
 	$(PY) scripts/check_sizes.py

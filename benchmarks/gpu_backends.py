@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from normfold.exporter import export
+from normfold.fusers.precision import model_for_precision
 from normfold.models.loader import load_model
 from normfold.runtime import get_backend
 from normfold.runtime.base import SessionOptions
@@ -64,7 +65,7 @@ def main() -> None:
                 why = status.reason or f"no {precision}"
                 print(f"{ref:22s} {name:9s} {precision:5s} skipped ({why})")
                 continue
-            opts = SessionOptions(precision=precision, cache_dir=cache, batch_sizes=(1,))
+            opts = SessionOptions(precision=precision, cache_dir=cache, batch_sizes=(1,), convert=model_for_precision)
             t0 = time.perf_counter()
             with backend.load(path, opts) as runner:
                 load_s = time.perf_counter() - t0

@@ -101,8 +101,10 @@ def session_options_for(
     CUDA graphs are only requested from :data:`CUDA_GRAPH_BACKENDS`; they need IO binding (fixed device
     addresses to replay into) and one static shape per session, which a fresh session per batch size
     provides. ``shapes`` (the feeds' shapes, user ``--input`` sizes included) size the dynamic
-    non-batch axes of TensorRT profiles.
+    non-batch axes of TensorRT profiles. fp16/bf16 GPU loads convert through
+    :func:`~normfold.fusers.precision.model_for_precision`.
     """
+    from normfold.fusers.precision import model_for_precision
     from normfold.runtime._gpu_common import dim_values_from_shapes
 
     use_graph = cuda_graph and backend in CUDA_GRAPH_BACKENDS
@@ -115,6 +117,7 @@ def session_options_for(
         cuda_graph=use_graph,
         batch_sizes=(batch_size,),
         dim_values=dim_values_from_shapes(shapes or {}),
+        convert=model_for_precision,
     )
 
 

@@ -36,7 +36,7 @@ def gate_table(report: GateReport) -> Table:
         table.add_column(col, justify="right" if right else "left", no_wrap=True, min_width=len(col))
     for case in report.cases:
         style = _STYLE.get(case.status, "white")
-        p50 = case.latency.get("p50_ms") if case.latency else None
+        p50 = case.latency.p50_ms if case.latency else None
         table.add_row(
             escape(case.model),
             f"{case.backend} {case.precision}",

@@ -17,6 +17,7 @@ when the case was benchmarked, its ``p50_ms`` and ``p90_ms``. Later runs compare
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,9 @@ from typing import Any
 
 from normfold.errors import ConfigError
 from normfold.gate.cases import CaseResult
+from normfold.gate.records import BaselineCheck, BaselineEntry, OutputError
 from normfold.io import json_text, write_text
+from normfold.numerics.layer_report import LayerReport, LayerResult
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +39,17 @@ BASELINE_VERSION = 1
 
 @dataclass
 class Baseline:
-    """Stored metrics per case id."""
+    """Stored metrics per case id; ``to_dict``/``from_dict`` are the on-disk form (version 1)."""
 
-    cases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cases: dict[str, BaselineEntry] = field(default_factory=dict)
     path: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": BASELINE_VERSION, "cases": self.cases}
+        return {"version": BASELINE_VERSION, "cases": {case: e.to_dict() for case, e in self.cases.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: str = "") -> Baseline:
+        return cls({case: BaselineEntry.from_dict(e) for case, e in data["cases"].items()}, path)
 
 
 def load_baseline(path: str | Path) -> Baseline | None:
@@ -59,38 +66,37 @@ def load_baseline(path: str | Path) -> Baseline | None:
             f"baseline {p} is not a normfold baseline (expected version {BASELINE_VERSION} with a 'cases' table); "
             f"rerun with --update-baseline"
         )
-    return Baseline(cases=data["cases"], path=str(p))
+    try:
+        return Baseline.from_dict(data, str(p))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"baseline {p} has a malformed case entry ({e}); rerun with --update-baseline") from e
 
 
-def baseline_entry(result: CaseResult) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "outputs": {
-            name: {"max_abs": m.max_abs, "max_rel": m.max_rel, "rel_l2": m.rel_l2} for name, m in result.outputs.items()
-        },
-        "atol": _case_atol(result),
-    }
-    if result.latency and "p50_ms" in result.latency:
-        entry["p50_ms"] = result.latency["p50_ms"]
-        if "p90_ms" in result.latency:
-            entry["p90_ms"] = result.latency["p90_ms"]
-        if result.latency.get("artifact"):
-            entry["artifact"] = str(result.latency["artifact"])
-    if result.layers:
-        entry["layers"] = _layer_errors(result.layers)
-    return entry
+def baseline_entry(result: CaseResult) -> BaselineEntry:
+    """What the baseline keeps of a passing case."""
+    latency = result.latency
+    return BaselineEntry(
+        outputs={name: OutputError.of(m) for name, m in result.outputs.items()},
+        atol=_case_atol(result),
+        p50_ms=None if latency is None else latency.p50_ms,
+        p90_ms=None if latency is None else latency.p90_ms,
+        artifact=None if latency is None else latency.artifact,
+        layers=None if result.layers is None else _layer_errors(result.layers),
+    )
 
 
 def _case_atol(result: CaseResult) -> float | None:
     return result.tolerance.atol if result.tolerance is not None else None
 
 
-def _layer_errors(layers: dict[str, Any]) -> dict[str, float]:
+def _compared(layers: LayerReport) -> list[LayerResult]:
+    """The rows that carry an error: compared (pass or fail) with a ``max_abs``."""
+    return [row for row in layers.layers if row.status in ("pass", "fail") and row.max_abs is not None]
+
+
+def _layer_errors(layers: LayerReport) -> dict[str, float]:
     """``max_abs`` of every compared layer, so drift can name where the error started to grow."""
-    return {
-        row["name"]: float(row["max_abs"])
-        for row in layers.get("layers", [])
-        if row.get("status") in ("pass", "fail") and isinstance(row.get("max_abs"), (int, float))
-    }
+    return {row.name: float(row.max_abs or 0.0) for row in _compared(layers)}
 
 
 def artifact_path(baseline_path: str | Path, case_id: str) -> Path:
@@ -100,23 +106,15 @@ def artifact_path(baseline_path: str | Path, case_id: str) -> Path:
     return p.with_name(f"{p.stem}-artifacts") / f"{safe}.onnx"
 
 
-def latency_reference(entry: dict[str, Any], threshold: float) -> dict[str, Any] | None:
-    """What a case needs to confirm a regression itself: the stored p50/p90, the artifact, the threshold."""
-    if "p50_ms" not in entry:
-        return None
-    ref: dict[str, Any] = {k: entry[k] for k in ("p50_ms", "p90_ms", "artifact") if k in entry}
-    ref["threshold"] = threshold
-    return ref
-
-
 def update_baseline(results: Sequence[CaseResult], path: str | Path, previous: Baseline | None = None) -> Baseline:
     """Store every passing case (others keep their previous entry) and write the file atomically."""
     cases = dict(previous.cases) if previous else {}
     for result in results:
         if result.passed:
             entry = baseline_entry(result)
-            if "artifact" in entry:  # relative to the baseline, so the pair can move together
-                entry["artifact"] = os.path.relpath(entry["artifact"], Path(path).resolve().parent)
+            if entry.artifact:  # relative to the baseline, so the pair can move together
+                relative = os.path.relpath(entry.artifact, Path(path).resolve().parent)
+                entry = dataclasses.replace(entry, artifact=relative)
             cases[result.case_id] = entry
         else:
             log.info("baseline: %s not stored (%s)", result.case_id, result.status)
@@ -125,37 +123,39 @@ def update_baseline(results: Sequence[CaseResult], path: str | Path, previous: B
     return baseline
 
 
-def drift_origin(result: CaseResult, entry: dict[str, Any], factor: float, floor: float) -> str | None:
+def drift_origin(result: CaseResult, entry: BaselineEntry, factor: float, floor: float) -> str | None:
     """The first layer (execution order) whose max_abs grew beyond ``factor`` × max(baseline, floor·atol_eff).
 
     Layers are judged against their own effective tolerance, so rounding-level noise in a large-valued
     layer does not read as the origin; None when the baseline has no layers or none grew.
     """
-    old = entry.get("layers") or {}
-    for row in (result.layers or {}).get("layers", []):
-        name, new = row.get("name"), row.get("max_abs")
-        if name not in old or not isinstance(new, (int, float)):
+    old = entry.layers or {}
+    if result.layers is None:
+        return None
+    for row in _compared(result.layers):
+        if row.name not in old:
             continue
-        atol = float((row.get("tolerance") or {}).get("atol") or _case_atol(result) or 0.0)
-        reference = max(float(old[name]), floor * atol)
+        new = float(row.max_abs or 0.0)
+        atol = (row.tolerance.atol if row.tolerance is not None else None) or _case_atol(result) or 0.0
+        reference = max(old[row.name], floor * atol)
         if reference > 0 and new > factor * reference:
-            return f"{name} (max_abs {new:.3g} vs baseline {float(old[name]):.3g})"
+            return f"{row.name} (max_abs {new:.3g} vs baseline {old[row.name]:.3g})"
     return None
 
 
-def drift_findings(result: CaseResult, entry: dict[str, Any], factor: float, floor: float) -> list[str]:
+def drift_findings(result: CaseResult, entry: BaselineEntry, factor: float, floor: float) -> list[str]:
     """Outputs whose max_abs grew beyond ``factor`` × max(baseline, floor·atol), with the layer where the
     growth started when the baseline recorded layers."""
     findings = []
-    atol = float(_case_atol(result) or entry.get("atol") or 0.0)
-    for name, old in (entry.get("outputs") or {}).items():
+    atol = float(_case_atol(result) or entry.atol or 0.0)
+    for name, old in entry.outputs.items():
         new = result.outputs.get(name)
-        if new is None or "max_abs" not in old:
+        if new is None:
             continue
-        reference = max(float(old["max_abs"]), floor * atol)
+        reference = max(old.max_abs, floor * atol)
         if reference > 0 and new.max_abs > factor * reference:
             findings.append(
-                f"numeric drift on {name}: max_abs {new.max_abs:.3g} > {factor:g}× baseline {float(old['max_abs']):.3g}"
+                f"numeric drift on {name}: max_abs {new.max_abs:.3g} > {factor:g}× baseline {old.max_abs:.3g}"
             )
     if findings:
         origin = drift_origin(result, entry, factor, floor)
@@ -164,25 +164,28 @@ def drift_findings(result: CaseResult, entry: dict[str, Any], factor: float, flo
     return findings
 
 
-def latency_regression(result: CaseResult, entry: dict[str, Any], threshold: float) -> str | None:
+def latency_regression(result: CaseResult, entry: BaselineEntry, threshold: float) -> str | None:
     """A reason when p50 rose beyond ``threshold`` and beyond both runs' noise band, else None.
 
     A case that confirmed its own suspicion (:mod:`normfold.gate.latency`: measured until stable,
-    re-measured or interleaved with the baseline artifact) carries a ``verdict``; only ``regressed`` fails.
+    re-measured or interleaved with the baseline artifact) carries a judged ``verdict``; only
+    ``regressed`` fails. A case measured without the baseline (``no baseline``) falls back to the
+    noise-band rule.
     """
-    if not result.latency or "p50_ms" not in result.latency or "p50_ms" not in entry:
+    latency = result.latency
+    if latency is None or entry.p50_ms is None:
         return None
-    if "verdict" in result.latency:
+    if latency.verdict != "no baseline":
         from normfold.gate.latency import describe_regression
 
-        if result.latency["verdict"] != "regressed":
+        if latency.verdict != "regressed":
             return None
-        return describe_regression(result.latency, float(entry["p50_ms"]))
-    new_p50, old_p50 = float(result.latency["p50_ms"]), float(entry["p50_ms"])
-    spreads = [
-        max(0.0, float(run["p90_ms"]) - float(run["p50_ms"])) for run in (result.latency, entry) if "p90_ms" in run
-    ]
-    noise = max(spreads, default=0.0)
+        return describe_regression(latency, entry.p50_ms)
+    new_p50, old_p50 = latency.p50_ms, entry.p50_ms
+    spreads = [max(0.0, latency.p90_ms - new_p50)]
+    if entry.p90_ms is not None:
+        spreads.append(max(0.0, entry.p90_ms - old_p50))
+    noise = max(spreads)
     shift = new_p50 - old_p50
     if shift > threshold * old_p50 and shift > noise:
         return (
@@ -209,6 +212,6 @@ def apply_baseline(
         regression = latency_regression(result, entry, latency_threshold)
         if regression:
             findings.append(regression)
-        result.baseline = {"path": baseline.path, "entry": entry, "findings": findings}
+        result.baseline = BaselineCheck(baseline.path, entry, findings)
         for finding in findings:
             result.fail(finding, "baseline")

@@ -22,12 +22,27 @@ import logging
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from normfold.errors import BackendUnavailableError, NormfoldError
-from normfold.gate.records import CaseTolerance, Divergence, OutputMetrics
+from normfold.gate.config import CaseSettings
+from normfold.gate.records import (
+    BaselineCheck,
+    CaseLatency,
+    LatencyReference,
+    OptimizeSummary,
+    divergence_from_dict,
+    layer_report_from_dict,
+    metrics_from_dict,
+    portable_layers,
+    tolerance_from_dict,
+)
+from normfold.numerics.layer_report import FirstDivergence, LayerReport
+from normfold.numerics.metrics import TensorMetrics
+from normfold.numerics.tolerances import Tolerance
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +59,7 @@ class CaseSpec:
     ref: str
     backend: str
     precision: str
-    settings: dict[str, Any]
+    settings: CaseSettings
     weights: str | None = None
     onnx: str | None = None
     inputs: list[str] | None = None
@@ -53,26 +68,20 @@ class CaseSpec:
     bench: bool = False
     #: None: probe the backend where the case runs (Ray); "": probed available; text: why it cannot run.
     unavailable: str | None = None
-    #: ``{"p50_ms", "p90_ms", "artifact", "threshold"}`` of the stored baseline, to confirm a regression.
-    latency_baseline: dict[str, Any] | None = None
+    #: The stored baseline's latency, to confirm a regression.
+    latency_baseline: LatencyReference | None = None
     #: Where to store the measured model for later interleaved runs (``--update-baseline``).
     artifact_out: str | None = None
 
     @property
     def timeout_s(self) -> float:
-        return float(self.settings.get("timeout_s", 600.0))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.settings.timeout_s
 
 
-@dataclass
+@dataclass(slots=True)
 class CaseResult:
-    """The verdict of one case with everything a report needs.
-
-    ``tolerance``, ``outputs`` and ``first_divergence`` are typed; assigning the JSON form (a dict, as
-    read back from a report) builds the typed value, so a result round-trips through ``to_dict()``.
-    """
+    """The verdict of one case with everything a report needs, typed; ``to_dict``/``from_dict`` are its
+    JSON form in the gate report."""
 
     case_id: str
     model: str
@@ -81,27 +90,18 @@ class CaseResult:
     status: CaseStatus
     reason: str = ""
     stage: str = ""
-    tolerance: CaseTolerance | None = None
-    outputs: dict[str, OutputMetrics] = field(default_factory=dict)
-    first_divergence: Divergence | None = None
-    layers: dict[str, Any] | None = None
-    optimize: dict[str, Any] | None = None
-    latency: dict[str, Any] | None = None
-    baseline: dict[str, Any] = field(default_factory=dict)
+    tolerance: Tolerance | None = None
+    outputs: dict[str, TensorMetrics] = field(default_factory=dict)
+    first_divergence: FirstDivergence | None = None
+    layers: LayerReport | None = None
+    optimize: OptimizeSummary | None = None
+    latency: CaseLatency | None = None
+    baseline: BaselineCheck | None = None
     input_source: str = ""
     fail_on: str = ""
     onnx_path: str = ""
     notes: list[str] = field(default_factory=list)
     duration_s: float = 0.0
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "outputs":
-            value = {key: OutputMetrics.of(m) for key, m in value.items()}
-        elif name == "first_divergence" and value is not None:
-            value = Divergence.of(value)
-        elif name == "tolerance" and value is not None:
-            value = CaseTolerance.of(value) if value else None
-        super().__setattr__(name, value)
 
     @property
     def passed(self) -> bool:
@@ -134,14 +134,7 @@ class CaseResult:
 
     def optimize_summary(self) -> str:
         """``optimized: 9 rewrites, 31 → 22 nodes`` (empty when the case was not optimized)."""
-        opt = self.optimize or {}
-        if not opt.get("available"):
-            return ""
-        before, after = opt.get("ops_before"), opt.get("ops_after")
-        nodes = ""
-        if isinstance(before, dict) and isinstance(after, dict):
-            nodes = f", {sum(before.values())} → {sum(after.values())} nodes"
-        return f"optimized: {opt.get('applied', '?')} rewrites{nodes}"
+        return "" if self.optimize is None else self.optimize.describe()
 
     def fail(self, reason: str, stage: str, status: CaseStatus = "failed") -> None:
         """Mark the case failing; reasons accumulate (a drift on top of a latency regression, say)."""
@@ -153,16 +146,58 @@ class CaseResult:
             self.status = status
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if d["tolerance"] is None:
-            d["tolerance"] = {}  # the JSON form of a case that never got a tolerance (skipped at the probe)
-        d["passed"] = self.passed
-        return d
+        def as_json(value: Any) -> Any:
+            return None if value is None else value.to_dict()
+
+        return {
+            **{name: getattr(self, name) for name in _PLAIN_FIELDS},
+            # {} is the JSON form of a case that never got a tolerance (skipped at the probe)
+            "tolerance": {} if self.tolerance is None else self.tolerance.to_dict(),
+            "outputs": {name: m.to_dict() for name, m in self.outputs.items()},
+            "first_divergence": as_json(self.first_divergence),
+            "layers": as_json(self.layers),
+            "optimize": as_json(self.optimize),
+            "latency": as_json(self.latency),
+            "baseline": {} if self.baseline is None else self.baseline.to_dict(),
+            "notes": list(self.notes),
+            "passed": self.passed,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CaseResult:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        """The case of a report's ``cases`` entry; keys it does not know are ignored."""
+
+        def read(key: str, reader: Callable[[Any], Any]) -> Any:
+            value = data.get(key)
+            return reader(value) if value else None
+
+        return cls(
+            **{name: data[name] for name in _PLAIN_FIELDS if name in data},
+            tolerance=read("tolerance", tolerance_from_dict),
+            outputs={name: metrics_from_dict(m) for name, m in (data.get("outputs") or {}).items()},
+            first_divergence=read("first_divergence", divergence_from_dict),
+            layers=read("layers", layer_report_from_dict),
+            optimize=read("optimize", OptimizeSummary.from_dict),
+            latency=read("latency", CaseLatency.from_dict),
+            baseline=read("baseline", BaselineCheck.from_dict),
+            notes=list(data.get("notes", [])),
+        )
+
+
+#: CaseResult fields whose JSON form is the value itself.
+_PLAIN_FIELDS: tuple[str, ...] = (
+    "case_id",
+    "model",
+    "backend",
+    "precision",
+    "status",
+    "reason",
+    "stage",
+    "input_source",
+    "fail_on",
+    "onnx_path",
+    "duration_s",
+)
 
 
 def _error_text(e: BaseException) -> str:
@@ -170,9 +205,23 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def describe_divergence(first: Divergence | None) -> str:
+def describe_divergence(first: FirstDivergence | None) -> str:
     """One line: where the numbers first went wrong, and by how much (empty when nothing diverged)."""
-    return first.describe() if first is not None else ""
+    if first is None:
+        return ""
+    where = first.name or first.module or first.onnx_node or "?"
+    op = f" ({first.op_type})" if first.op_type else ""
+    node = f" at ONNX node {first.onnx_node}" if first.onnx_node and first.module else ""
+    return f"first divergent layer: {where}{op}{node} (max_abs={first.max_abs:.3g}, max_rel={first.max_rel:.3g})"
+
+
+def describe_metrics(m: TensorMetrics) -> str:
+    """``max_abs=… max_rel=… cosine=… mismatch=… (atol=…, rtol=…, atol_eff=…)``: why an output failed."""
+    return (
+        f"max_abs={m.max_abs:.3g} max_rel={m.max_rel:.3g} cosine={m.cosine:.6f} "
+        f"mismatch={m.mismatch_fraction:.2%} "
+        f"(atol={m.atol:g}, rtol={m.rtol:g}, atol_eff={m.atol_eff or m.atol:.3g})"
+    )
 
 
 class _Stage:
@@ -233,14 +282,13 @@ def _run(spec: CaseSpec, result: CaseResult, tmp: Path, stage: _Stage) -> None:
             result.status, result.stage, result.reason = "skipped", "probe", reason
         return
 
-    tol = tolerance_for(spec.precision, s.get("atol"), s.get("rtol"))
-    result.tolerance = CaseTolerance.of(tol)
+    result.tolerance = tolerance_for(spec.precision, s.atol, s.rtol)
 
     stage.name = "load"
     from normfold.models.loader import load_model, parse_input_spec
 
     specs = [parse_input_spec(t) for t in spec.inputs] if spec.inputs else None
-    loaded = load_model(spec.ref, weights=spec.weights, inputs=specs, seed=s.get("seed"))
+    loaded = load_model(spec.ref, weights=spec.weights, inputs=specs, seed=s.seed)
 
     if spec.onnx:
         onnx_path = Path(spec.onnx)
@@ -249,11 +297,11 @@ def _run(spec: CaseSpec, result: CaseResult, tmp: Path, stage: _Stage) -> None:
         stage.name = "export"
         from normfold.exporter import export
 
-        exported = export(loaded, None, tmp / "model.onnx", opset=int(s["opset"]), exporter=s["exporter"])
+        exported = export(loaded, None, tmp / "model.onnx", opset=s.opset, exporter=s.exporter)
         onnx_path = exported.path
-        if s.get("optimize", True):
+        if s.optimize:
             stage.name = "optimize"
-            onnx_path = _optimize(onnx_path, tmp / "model.opt.onnx", s.get("passes"), result, spec.backend)
+            onnx_path = _optimize(onnx_path, tmp / "model.opt.onnx", s.passes, result, spec.backend)
     result.onnx_path = str(onnx_path)
 
     stage.name = "compare"
@@ -273,28 +321,20 @@ def _optimize(src: Path, dst: Path, passes: list[str] | None, result: CaseResult
 
     target = backend if backend in TARGETS else "portable"
     report = optimize(src, dst, passes=passes, target=target)
-    result.optimize = {
-        "available": True,
-        "target": target,
-        "applied": report.applied,
-        "ops_before": report.ops_before,
-        "ops_after": report.ops_after,
-        "total_seconds": report.total_seconds,
-    }
+    result.optimize = OptimizeSummary.of(report, target)
     return Path(report.output or dst)
 
 
-def _output_tolerances(spec: CaseSpec) -> dict[str, Any]:
+def _output_tolerances(spec: CaseSpec) -> dict[str, Tolerance]:
     """Per-output tolerances from the config, each falling back to the case's atol/rtol."""
     from normfold.numerics.tolerances import tolerance_for
 
     s = spec.settings
-    allow = bool(s.get("allow_nonfinite", False))
     found = {}
-    for name, ot in (s.get("outputs") or {}).items():
-        atol = ot.get("atol") if ot.get("atol") is not None else s.get("atol")
-        rtol = ot.get("rtol") if ot.get("rtol") is not None else s.get("rtol")
-        found[name] = tolerance_for(spec.precision, atol, rtol, allow_nonfinite=allow)
+    for name, ot in s.outputs.items():
+        atol = ot.atol if ot.atol is not None else s.atol
+        rtol = ot.rtol if ot.rtol is not None else s.rtol
+        found[name] = tolerance_for(spec.precision, atol, rtol, allow_nonfinite=s.allow_nonfinite)
     return found
 
 
@@ -308,13 +348,13 @@ def _compare(spec: CaseSpec, loaded: Any, onnx_path: Path, result: CaseResult) -
         "precision": spec.precision,
         "skip_unavailable": True,
         "model_name": spec.model,
-        "atol": s.get("atol"),
-        "rtol": s.get("rtol"),
-        "fail_on": s.get("fail_on"),
-        "allow_nonfinite": bool(s.get("allow_nonfinite", False)),
+        "atol": s.atol,
+        "rtol": s.rtol,
+        "fail_on": s.fail_on,
+        "allow_nonfinite": s.allow_nonfinite,
         "output_tolerances": _output_tolerances(spec),
     }
-    per_layer = bool(s.get("per_layer", True))
+    per_layer = s.per_layer
     try:
         report = compare(loaded, onnx_path, spec.inputs_npz, per_layer=per_layer, **kwargs)
     except NormfoldError as e:
@@ -335,7 +375,7 @@ def _compare(spec: CaseSpec, loaded: Any, onnx_path: Path, result: CaseResult) -
     if backend.status == "error":
         result.fail(f"{spec.backend} failed to run the model: {backend.reason}", "compare", "error")
         return
-    metrics = {name: OutputMetrics.of(m) for name, m in backend.outputs.items()}
+    metrics = dict(backend.outputs)
     unknown = sorted(set(kwargs["output_tolerances"]) - set(metrics))
     if unknown and metrics:
         result.fail(
@@ -346,23 +386,22 @@ def _compare(spec: CaseSpec, loaded: Any, onnx_path: Path, result: CaseResult) -
         return
     result.outputs = metrics
     if backend.layers is not None:
-        result.layers = backend.layers.to_dict()
-        first = backend.layers.first_divergence
-        result.first_divergence = None if first is None else Divergence.of(first)
+        result.layers = portable_layers(backend.layers)
+        result.first_divergence = backend.layers.first_divergence
     if backend.status == "failed" and not backend.outputs:
         result.fail(backend.reason, "compare")  # e.g. output count differs from eager
         return
     _verdict(result, metrics, report.fail_on)
 
 
-def _verdict(result: CaseResult, metrics: dict[str, OutputMetrics], fail_on: str) -> None:
+def _verdict(result: CaseResult, metrics: dict[str, TensorMetrics], fail_on: str) -> None:
     """Fail on outputs out of tolerance, or on a diverging layer when layers decide; say which."""
     line = describe_divergence(result.first_divergence)
     bad = [name for name, m in metrics.items() if not m.passed]
     if bad:
         worst = max(bad, key=lambda n: metrics[n].max_abs)
         m = metrics[worst]
-        reason = f"outputs {bad} out of tolerance; {worst}: {m.describe()}"
+        reason = f"outputs {bad} out of tolerance; {worst}: {describe_metrics(m)}"
         if m.reason:
             reason += f"; {m.reason}"
         result.fail(f"{line}; {reason}" if line else reason, "compare")
@@ -383,15 +422,12 @@ def _bench(spec: CaseSpec, onnx_path: Path, result: CaseResult) -> None:
     s = spec.settings
     latency = measure_latency(onnx_path, spec.backend, spec.precision, s, spec.latency_baseline)
     if spec.artifact_out:
-        stored = store_artifact(onnx_path, Path(spec.artifact_out))
-        if stored:
-            latency["artifact"] = stored
+        latency.artifact = store_artifact(onnx_path, Path(spec.artifact_out))
     result.latency = latency
-    if latency.get("verdict") == "unstable":
-        result.notes.append(f"latency unstable: {latency.get('note', 'the p50 did not settle')}")
-    budget = (s.get("latency_budget_ms") or {}).get(spec.backend)
-    p50 = latency.get("p50_ms")
-    if budget is not None and p50 is not None:
-        latency["budget_ms"] = float(budget)
-        if p50 > budget:
-            result.fail(f"latency p50 {p50:.3f} ms exceeds the budget {budget:g} ms", "bench")
+    if latency.verdict == "unstable":
+        result.notes.append(f"latency unstable: {latency.note or 'the p50 did not settle'}")
+    budget = s.latency_budget_ms.get(spec.backend)
+    if budget is not None:
+        latency.budget_ms = float(budget)
+        if latency.p50_ms > budget:
+            result.fail(f"latency p50 {latency.p50_ms:.3f} ms exceeds the budget {budget:g} ms", "bench")

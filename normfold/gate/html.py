@@ -12,12 +12,12 @@ import html
 import io
 import logging
 from pathlib import Path
-from typing import Any
 
 from normfold._format import num
 from normfold.gate.cases import CaseResult, describe_divergence
 from normfold.gate.report import GateReport
 from normfold.io import write_text
+from normfold.numerics.layer_report import LayerResult
 from normfold.numerics.reports import labelled_layers
 
 log = logging.getLogger(__name__)
@@ -33,32 +33,25 @@ section{margin-top:2em}img{max-width:100%;border:1px solid #d0d7de}code{backgrou
 """
 
 
-def _layer_rows(layers: dict[str, Any] | None) -> list[dict[str, Any]]:
-    rows = (layers or {}).get("layers") or []
-    return [r for r in rows if isinstance(r, dict)]
+def _layer_rows(case: CaseResult) -> list[LayerResult]:
+    return [] if case.layers is None else list(case.layers.layers)
 
 
-def _layer_label(row: dict[str, Any], index: int) -> str:
-    return str(row.get("name") or row.get("module") or row.get("onnx_node") or f"layer {index}")
+def _layer_label(row: LayerResult, index: int) -> str:
+    return row.name or row.module or row.onnx_node or f"layer {index}"
 
 
-def _layer_failed(row: dict[str, Any]) -> bool:
-    if "passed" in row:
-        return row["passed"] is False
-    return str(row.get("status", "")).lower() in ("failed", "fail")
-
-
-def _layer_atol(row: dict[str, Any]) -> float | None:
+def _layer_atol(row: LayerResult) -> float | None:
     """The absolute tolerance this layer was judged with (per-layer tolerances may grow with depth)."""
-    for source in (row.get("metrics"), row.get("tolerance")):
-        if isinstance(source, dict) and isinstance(source.get("atol"), (int, float)):
-            return float(source["atol"])
+    for source in (row.metrics, row.tolerance):
+        if source is not None:
+            return float(source.atol)
     return None
 
 
 def layer_plot_png(case: CaseResult) -> bytes | None:
     """PNG of per-layer max-abs error for ``case``, or None when it has no per-layer numbers."""
-    rows = [r for r in _layer_rows(case.layers) if isinstance(r.get("max_abs"), (int, float))]
+    rows = [r for r in _layer_rows(case) if r.max_abs is not None]
     if not rows:
         return None
     import matplotlib
@@ -66,8 +59,8 @@ def layer_plot_png(case: CaseResult) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    values = [max(float(r["max_abs"]), 1e-12) for r in rows]
-    colors = ["#cf222e" if _layer_failed(r) else "#0969da" for r in rows]
+    values = [max(float(r.max_abs or 0.0), 1e-12) for r in rows]
+    colors = ["#cf222e" if r.status == "fail" else "#0969da" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6.0, min(0.35 * len(rows), 18.0)), 3.6))
     try:
         ax.bar(range(len(values)), values, color=colors)
@@ -83,7 +76,7 @@ def layer_plot_png(case: CaseResult) -> bytes | None:
             ax.axhline(case.tolerance.atol, color="#9a6700", linestyle="--", linewidth=1, label="atol")
             ax.legend(loc="upper left")
         first = case.first_divergence.name if case.first_divergence is not None else None
-        first_index = next((i for i, r in enumerate(rows) if first and r.get("name") == first), None)
+        first_index = next((i for i, r in enumerate(rows) if first and r.name == first), None)
         ratios = [v / t if t else v for v, t in zip(values, layer_tols, strict=True)]
         shown = labelled_layers(ratios, first_index)
         ax.set_xticks(shown)
@@ -125,17 +118,17 @@ def _case_section(case: CaseResult) -> str:
     if png is not None:
         data = base64.b64encode(png).decode("ascii")
         parts.append(f"<p><img alt='per-layer error of {e(case.case_id)}' src='data:image/png;base64,{data}'></p>")
-    rows = _layer_rows(case.layers)
+    rows = _layer_rows(case)
     if rows:
         parts.append(
             "<details><summary>per-layer table</summary><table><tr><th>#</th><th>layer</th><th>max abs</th>"
             "<th>max rel</th><th>verdict</th></tr>"
         )
         for i, r in enumerate(rows):
-            verdict = "FAIL" if _layer_failed(r) else e(str(r.get("status", "ok")))
+            verdict = "FAIL" if r.status == "fail" else e(r.status)
             parts.append(
-                f"<tr><td>{i}</td><td>{e(_layer_label(r, i))}</td><td class=num>{num(r.get('max_abs'))}</td>"
-                f"<td class=num>{num(r.get('max_rel'))}</td><td>{verdict}</td></tr>"
+                f"<tr><td>{i}</td><td>{e(_layer_label(r, i))}</td><td class=num>{num(r.max_abs)}</td>"
+                f"<td class=num>{num(r.max_rel)}</td><td>{verdict}</td></tr>"
             )
         parts.append("</table></details>")
     for note in [case.optimize_summary(), *case.notes]:
@@ -152,7 +145,7 @@ def html_report(report: GateReport) -> str:
     rows = []
     for case in report.cases:
         color = _COLORS.get(case.status, "#57606a")
-        p50 = case.latency.get("p50_ms") if case.latency else None
+        p50 = case.latency.p50_ms if case.latency else None
         rows.append(
             f"<tr><td><a href='#{e(case.case_id)}'>{e(case.model)}</a></td><td>{e(case.backend)}</td>"
             f"<td>{e(case.precision)}</td><td><span class=badge style='background:{color}'>{e(case.status)}</span></td>"

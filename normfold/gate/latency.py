@@ -25,11 +25,15 @@ from typing import Any
 
 from normfold.bench.measure import interleave, measure_until_stable
 from normfold.bench.stats import summarize
+from normfold.gate.config import CaseSettings
+from normfold.gate.records import CaseLatency, LatencyConfirm, LatencyReference, Windows
 
 log = logging.getLogger(__name__)
 
-#: Latency verdicts in ``CaseResult.latency["verdict"]``.
+#: Latency verdicts in ``CaseResult.latency.verdict``.
 VERDICTS = ("ok", "regressed", "noise", "unstable", "no baseline")
+#: Length of one measurement window (seconds).
+WINDOW_S = 0.25
 
 
 def load_runner(onnx_path: Path, backend: str, precision: str, threads: int) -> Any:
@@ -52,94 +56,78 @@ def timed_runner_call(runner: Any, feeds: dict[str, Any]) -> Any:
     return timed_call(runner, feeds)
 
 
-def _stats(samples_ns: list[int]) -> dict[str, float]:
-    s = summarize(samples_ns).to_dict()
-    return {k: float(s[k]) for k in ("p50_ms", "p90_ms", "min_ms", "max_ms", "mean_ms", "std_ms") if k in s}
-
-
 def measure_latency(
-    onnx_path: Path, backend: str, precision: str, settings: dict[str, Any], baseline: dict[str, Any] | None
-) -> dict[str, Any]:
-    """p50/p90… of ``onnx_path`` measured until stable, and the verdict against ``baseline`` if given.
-
-    ``baseline``: ``{"p50_ms", "p90_ms", "artifact", "threshold"}`` from the stored baseline entry.
-    """
-    threads = int(settings.get("bench_threads") or 1)
-    stability = float(settings.get("bench_stability", 0.10))
-    window_s = float(settings.get("bench_window_s", 0.25))
+    onnx_path: Path, backend: str, precision: str, settings: CaseSettings, baseline: LatencyReference | None
+) -> CaseLatency:
+    """p50/p90… of ``onnx_path`` measured until stable, and the verdict against ``baseline`` if given."""
+    threads = settings.bench_threads
+    stability = settings.bench_stability
     runner, feeds = load_runner(onnx_path, backend, precision, threads)
     with runner:
         call = timed_runner_call(runner, feeds)
         call()  # the first inference is not steady state
-        warmup, min_iters = int(settings.get("bench_warmup", 3)), int(settings.get("bench_iters", 30))
-        run = measure_until_stable(call, window_s=window_s, stability=stability, warmup=warmup, min_iters=min_iters)
-        latency: dict[str, Any] = {**_stats(run.samples_ns), "iterations": len(run.samples_ns), "threads": threads}
-        latency["stability"] = run.to_dict()
+        warmup, min_iters = settings.bench_warmup, settings.bench_iters
+        run = measure_until_stable(call, window_s=WINDOW_S, stability=stability, warmup=warmup, min_iters=min_iters)
+        latency = CaseLatency.of(summarize(run.samples_ns), threads=threads, stability=Windows.of(run))
         if not run.stable:
-            latency["verdict"] = "unstable"
-            latency["note"] = (
+            latency.verdict = "unstable"
+            latency.note = (
                 f"p50 did not settle: the last 3 window medians spread {run.spread:.0%} > {stability:.0%} "
                 f"after {len(run.window_p50_ns)} windows"
             )
-        if baseline is None or "p50_ms" not in baseline:
-            latency.setdefault("verdict", "no baseline")
-            return latency
-        _judge(latency, baseline, call, onnx_path, backend, precision, threads, window_s, stability)
+        if baseline is not None:
+            _judge(latency, baseline, call, onnx_path, backend, precision, threads, stability)
     return latency
 
 
 def _judge(
-    latency: dict[str, Any],
-    baseline: dict[str, Any],
+    latency: CaseLatency,
+    baseline: LatencyReference,
     call: Any,
     onnx_path: Path,
     backend: str,
     precision: str,
     threads: int,
-    window_s: float,
     stability: float,
 ) -> None:
     """Suspect on the stored p50, confirm by interleaving with the baseline artifact or by re-measuring."""
-    threshold = float(baseline.get("threshold", 0.10))
-    old = float(baseline["p50_ms"])
-    now = float(latency["p50_ms"])
-    artifact = baseline.get("artifact")
-    if artifact and Path(artifact).is_file():
+    threshold, old, now = baseline.threshold, baseline.p50_ms, latency.p50_ms
+    if baseline.artifact and Path(baseline.artifact).is_file():
         # Always interleave when the baseline model is at hand: a baseline p50 stored on a busier
         # machine would otherwise hide a real slowdown behind the suspicion step.
-        base_runner, base_feeds = load_runner(Path(artifact), backend, precision, threads)
+        base_runner, base_feeds = load_runner(Path(baseline.artifact), backend, precision, threads)
         with base_runner:
-            ab = interleave(call, timed_runner_call(base_runner, base_feeds), rounds=8, window_s=min(window_s, 0.1))
-        latency["confirm"] = {"method": "interleaved with the baseline artifact", **ab.to_dict()}
+            ab = interleave(call, timed_runner_call(base_runner, base_feeds), rounds=8, window_s=min(WINDOW_S, 0.1))
+        latency.confirm = LatencyConfirm(
+            "interleaved with the baseline artifact", rounds=len(ab.ratios), ratio=ab.ratio, low_quartile=ab.low
+        )
         regressed = ab.ratio > 1 + threshold and ab.low > 1 + threshold / 2
-        latency["verdict"] = "regressed" if regressed else "noise"
-        latency["ratio"] = ab.ratio
+        latency.verdict = "regressed" if regressed else "noise"
+        latency.ratio = ab.ratio
         return
     if now <= old * (1 + threshold):
-        latency["verdict"] = "ok" if latency.get("verdict") != "unstable" else "unstable"
+        latency.verdict = "ok" if latency.verdict != "unstable" else "unstable"
         return
-    again = measure_until_stable(call, window_s=window_s, stability=stability)
-    second = _stats(again.samples_ns)
-    latency["confirm"] = {"method": "re-measured", "p50_ms": second["p50_ms"], "stable": again.stable}
-    best = min(now, second["p50_ms"])
-    noise = max(latency["p90_ms"] - now, float(baseline.get("p90_ms", old)) - old, 0.0)
+    again = measure_until_stable(call, window_s=WINDOW_S, stability=stability)
+    second = summarize(again.samples_ns).p50_ms
+    latency.confirm = LatencyConfirm("re-measured", p50_ms=second, stable=again.stable)
+    best = min(now, second)
+    noise = max(latency.p90_ms - now, (baseline.p90_ms if baseline.p90_ms is not None else old) - old, 0.0)
     if not again.stable:
-        latency["verdict"] = "unstable"
+        latency.verdict = "unstable"
     elif best - old > threshold * old and best - old > noise:
-        latency["verdict"] = "regressed"
+        latency.verdict = "regressed"
     else:
-        latency["verdict"] = "noise"
-    latency["ratio"] = best / old
+        latency.verdict = "noise"
+    latency.ratio = best / old
 
 
-def describe_regression(latency: dict[str, Any], baseline_p50: float) -> str:
+def describe_regression(latency: CaseLatency, baseline_p50: float) -> str:
     """The failure line of a confirmed regression."""
-    confirm = latency.get("confirm") or {}
-    how = confirm.get("method", "measured")
-    ratio = float(latency.get("ratio") or latency["p50_ms"] / baseline_p50)
+    how = latency.confirm.method if latency.confirm is not None else "measured"
+    ratio = latency.ratio or latency.p50_ms / baseline_p50
     return (
-        f"latency regression: p50 {latency['p50_ms']:.3f} ms vs baseline {baseline_p50:.3f} ms, "
-        f"{ratio - 1:+.0%} ({how})"
+        f"latency regression: p50 {latency.p50_ms:.3f} ms vs baseline {baseline_p50:.3f} ms, {ratio - 1:+.0%} ({how})"
     )
 
 

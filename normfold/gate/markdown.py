@@ -17,7 +17,7 @@ def _cell(text: str) -> str:
 
 
 def _row(case: CaseResult) -> str:
-    p50 = case.latency.get("p50_ms") if case.latency else None
+    p50 = case.latency.p50_ms if case.latency else None
     opt = case.optimize_summary()
     reason = case.reason if case.status != "passed" else "; ".join([opt] * bool(opt) + case.notes)
     nonfinite = case.nonfinite_summary()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import platform
@@ -15,7 +16,6 @@ from normfold.gate.baseline import (
     Baseline,
     apply_baseline,
     artifact_path,
-    latency_reference,
     load_baseline,
     update_baseline,
 )
@@ -57,12 +57,14 @@ def plan_cases(
                         f"{config.source}: two models produce case {case_id}; give them distinct 'name' keys"
                     )
                 seen.add(case_id)
-                entry = baseline.cases.get(case_id, {}) if baseline else {}
-                has_baseline_latency = "p50_ms" in entry
-                bench = settings.bench or backend in settings.latency_budget_ms or update or has_baseline_latency
-                latency_ref = latency_reference(entry, config.latency_regression) if not update else None
-                if latency_ref and latency_ref.get("artifact") and baseline is not None:
-                    latency_ref["artifact"] = str(Path(baseline.path).parent / latency_ref["artifact"])
+                entry = baseline.cases.get(case_id) if baseline else None
+                latency_ref = None if entry is None else entry.latency_reference(config.latency_regression)
+                bench = settings.bench or backend in settings.latency_budget_ms or update or latency_ref is not None
+                if update:
+                    latency_ref = None
+                elif latency_ref is not None and latency_ref.artifact and baseline is not None:
+                    absolute = str(Path(baseline.path).parent / latency_ref.artifact)
+                    latency_ref = dataclasses.replace(latency_ref, artifact=absolute)
                 specs.append(
                     CaseSpec(
                         case_id=case_id,
@@ -70,7 +72,7 @@ def plan_cases(
                         ref=model.ref,
                         backend=backend,
                         precision=precision,
-                        settings=settings.model_dump(),
+                        settings=settings,
                         weights=_abs(config, model.weights),
                         onnx=_abs(config, model.onnx),
                         inputs=model.inputs,

@@ -128,6 +128,18 @@ def resolve_inputs(
     return tuple(torch.from_numpy(np.asarray(mapping[n])) for n in names), source
 
 
+def _session_options(options: SessionOptions | None, precision: str) -> SessionOptions:
+    """``options`` at ``precision``; fp16/bf16 GPU loads convert through fusers' conversion (runtime imports
+    no graph pass, so the caller hands it over)."""
+    from normfold.fusers.precision import model_for_precision
+
+    opts = options or SessionOptions()
+    opts.precision = precision
+    if opts.convert is None:
+        opts.convert = model_for_precision
+    return opts
+
+
 def compare(
     model: nn.Module | LoadedModel,
     onnx_path: str | Path,
@@ -183,8 +195,7 @@ def compare(
                 raise
             report.backends[name] = BackendComparison(name, "skipped", str(e))
             continue
-        opts = options or SessionOptions()
-        opts.precision = precision
+        opts = _session_options(options, precision)
         try:
             if per_layer:
                 report.inputs = {n: list(t.shape) for n, t in zip(_onnx_input_names(onnx_path), tensors, strict=False)}

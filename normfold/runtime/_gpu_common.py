@@ -1,4 +1,4 @@
-"""What the two GPU runtime modules share: the cache directory, fp16/bf16 model conversion, input-shape
+"""What the two GPU runtime modules share: the cache directory, the fp16/bf16 model to load, input-shape
 reading and TensorRT optimization profiles (used by ``ort-trt``'s profile options and ``trt``'s engine).
 
 Both :mod:`normfold.runtime.onnxruntime_gpu` and :mod:`normfold.runtime.tensorrt` import from here and
@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from normfold.errors import InputSpecError, UsageError
+from normfold.runtime.base import SessionOptions
 
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "normfold-cache"
 
@@ -163,22 +164,22 @@ def widen_profile(profile: Profile, feeds: Mapping[str, Sequence[int]]) -> Profi
     return out
 
 
-def converted_model(onnx_path: Path, precision: str, cache_dir: Path) -> Path:
-    """``onnx_path`` itself for fp32/tf32, else its fp16/bf16 conversion with fp32 norm islands.
+def converted_model(onnx_path: Path, options: SessionOptions) -> Path:
+    """``onnx_path`` itself for fp32/tf32, else its fp16/bf16 conversion by ``options.convert``.
 
-    The conversion (fp32 I/O kept) is cached under ``cache_dir/converted`` by content hash. It is the
-    graph pass of :mod:`normfold.fusers.precision`, imported here lazily and only here: the runtime
-    layer depends on no fuser at import time, and this is the one call from a backend into a pass.
+    The conversion (fp32 norm islands, fp32 I/O kept, cached by content hash) is a graph pass, which the
+    runtime layer never imports: the caller injects it (:attr:`SessionOptions.convert`, normally
+    :func:`normfold.fusers.precision.model_for_precision`). Without it a low precision is refused rather
+    than run silently at fp32.
     """
+    precision = options.precision
     if precision in ("fp32", "tf32"):
         return onnx_path
     if precision not in LOW_PRECISIONS:
         raise UsageError(f"precision {precision!r} is not one of fp32, tf32, fp16, bf16")
-    from normfold.fusers.precision import convert_precision
-    from normfold.onnx_files import model_digest
-
-    digest = model_digest(onnx_path)[:16]  # the model and its external data
-    dst = cache_dir / "converted" / f"{onnx_path.stem}.{digest}.{precision}.onnx"
-    if not dst.exists():
-        convert_precision(onnx_path, dst, precision=precision, keep_io_types=True)  # type: ignore[arg-type]
-    return dst
+    if options.convert is None:
+        raise UsageError(
+            f"{precision} on a GPU backend runs a converted model, and these SessionOptions carry no converter; "
+            "pass SessionOptions(convert=normfold.fusers.precision.model_for_precision)"
+        )
+    return options.convert(onnx_path, precision, options.cache_dir or DEFAULT_CACHE_DIR)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +23,9 @@ from normfold.errors import BackendUnavailableError, InputSpecError
 Precision = Literal["fp32", "tf32", "fp16", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16")
 """``tf32``: fp32 tensors, TF32 matmul/conv math (GPU backends only; its own tolerances)."""
+
+PrecisionConverter = Callable[[Path, str, Path], Path]
+"""``(onnx_path, precision, cache_dir) -> converted path``: an fp32 model as fp16/bf16 with fp32 norm islands."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,10 @@ class SessionOptions:
     #: Sizes of dynamic non-batch axes for TensorRT profiles, by symbolic name or ``"input:axis"``.
     dim_values: dict[str, int] = field(default_factory=dict)
     extra_outputs: tuple[str, ...] = ()
+    #: How a GPU backend gets its fp16/bf16 model from the fp32 one. Injected by the layers above runtime
+    #: (:func:`normfold.fusers.precision.model_for_precision`: compare, bench, the gate, triton), so that
+    #: runtime imports no graph pass; a low-precision GPU load without it is a :class:`UsageError`.
+    convert: PrecisionConverter | None = None
 
 
 @dataclass(frozen=True)

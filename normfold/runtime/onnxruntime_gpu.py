@@ -14,7 +14,8 @@ Precision:
   tolerances (``--precision tf32``), or start the process with ``NVIDIA_TF32_OVERRIDE=0`` (NVIDIA's
   libraries then never use TF32, process-wide; set before they load, so it is not set from here).
 * ORT has no "run this fp32 model in fp16" switch on the CUDA EP, so ``fp16``/``bf16`` loads the
-  conversion with fp32 norm islands (:func:`normfold.runtime._gpu_common.converted_model`). The TensorRT
+  conversion with fp32 norm islands that the caller supplies (``SessionOptions.convert``, see
+  :func:`normfold.runtime._gpu_common.converted_model`). The TensorRT
   EP does the same for bf16; for fp16 it uses ``trt_fp16_enable`` with ``trt_layer_norm_fp32_fallback`` on
   the original model.
 
@@ -250,7 +251,7 @@ class OrtGpuBackend(OrtBackend):
 
     def prepared_model(self, onnx_path: Path, options: SessionOptions) -> Path:
         """The file this backend really loads for ``options.precision`` (a cached conversion or the input)."""
-        return converted_model(onnx_path, options.precision, options.cache_dir or DEFAULT_CACHE_DIR)
+        return converted_model(onnx_path, options)
 
     def session(self, model: Path, options: SessionOptions, configure: Any = None) -> Any:
         """The ORT session for ``model`` exactly as :meth:`load` builds it; refuses a provider fallback.
@@ -322,7 +323,7 @@ class OrtTensorrtBackend(OrtGpuBackend):
     def prepared_model(self, onnx_path: Path, options: SessionOptions) -> Path:
         """bf16 is converted in ONNX; fp16 runs the original with ``trt_fp16_enable`` (module docstring)."""
         if options.precision == "bf16":
-            return converted_model(onnx_path, "bf16", options.cache_dir or DEFAULT_CACHE_DIR)
+            return converted_model(onnx_path, options)
         return onnx_path
 
     def session_providers(self, model: Path, options: SessionOptions) -> list[tuple[str, dict[str, Any]]]:

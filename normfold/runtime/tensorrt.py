@@ -10,8 +10,9 @@ Everything around it is pure and tested on CPU:
 * profiles come from the declared batch sizes and ``dim_values``, or from the first feed
   (:mod:`normfold.runtime._gpu_common`); :func:`create_config_kwargs` maps precision to builder flags;
 * :func:`needs_strongly_typed` decides the network flag: TensorRT 11 removed weak typing (and the
-  FP16 builder flag); for fp16/bf16 normfold converts the ONNX itself with fp32 norm islands
-  (:mod:`normfold.fusers.precision`), so the network is strongly typed there on any version;
+  FP16 builder flag); for fp16/bf16 the engine is built from the ONNX converted with fp32 norm islands
+  (``SessionOptions.convert``, injected by the caller: :func:`normfold.fusers.precision.model_for_precision`),
+  so the network is strongly typed there on any version;
 * :func:`engine_cache_key` hashes model bytes + TensorRT version + GPU name + build settings, so an
   engine is never reused on another GPU or TensorRT release (engines are not portable across either).
 """
@@ -149,7 +150,7 @@ def build_engine(
 
     opts = options or SessionOptions()
     cache_dir = opts.cache_dir or DEFAULT_CACHE_DIR
-    model = converted_model(Path(onnx_path), opts.precision, cache_dir)
+    model = converted_model(Path(onnx_path), opts)
     typed = needs_strongly_typed(trt.__version__, opts.precision, strongly_typed)
     if profiles is None:
         profiles = engine_profiles(onnx_input_shapes(model), opts)

@@ -115,6 +115,7 @@ def _resolve_tensorrt(options: TritonOptions, onnx_path: Path) -> ResolvedOption
 
 def _build_plan(onnx_path: Path, *, fp16: bool, max_batch: int) -> Path:
     """Build a serialized engine with the ``trt`` backend (GPU + TensorRT needed; else the exact reason)."""
+    from normfold.fusers.precision import model_for_precision
     from normfold.runtime.base import SessionOptions
     from normfold.runtime.tensorrt import build_engine, tensorrt_reason
 
@@ -127,5 +128,6 @@ def _build_plan(onnx_path: Path, *, fp16: bool, max_batch: int) -> Path:
     options = SessionOptions(
         precision="fp16" if fp16 else "fp32",
         batch_sizes=(1, max_batch) if max_batch > 0 else (1,),
+        convert=model_for_precision,
     )
     return build_engine(onnx_path, options).path

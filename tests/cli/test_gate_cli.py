@@ -109,7 +109,7 @@ def test_demo_config_covers_the_whole_zoo() -> None:
     assert {m.ref for m in config.models} == {f"zoo:{name}" for name in ZOO}
     specs = plan_cases(config)
     assert {s.backend for s in specs} >= {"ort-cpu"}
-    assert all(s.settings["timeout_s"] > 0 for s in specs)
+    assert all(s.timeout_s > 0 for s in specs)
 
 
 def test_demo_rejects_an_unknown_executor(runner: CliRunner, tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ def test_a_failing_case_runs_eager_once_and_one_session(wrong_eps: Path, monkeyp
 
     output = onnx.load(str(wrong_eps)).graph.output[0].name
     # A per-output tolerance group used to cost one more eager run and session of its own.
-    settings = CaseSettings(outputs={output: {"atol": 1e-4}}).model_dump()
+    settings = CaseSettings(outputs={output: {"atol": 1e-4}})
     spec = CaseSpec("c", "wrong_eps", f"{GATE_MODELS}:ln_net", "ort-cpu", "fp32", settings, onnx=str(wrong_eps))
     handle = torch.nn.modules.module.register_module_forward_hook(count)
     try:
@@ -59,7 +59,7 @@ def test_a_failing_case_runs_eager_once_and_one_session(wrong_eps: Path, monkeyp
     finally:
         handle.remove()
     assert result.status == "failed" and result.first_divergence is not None
-    assert [m["atol"] for m in result.outputs.values()] == [1e-4]  # the per-output tolerance was applied
-    assert result.first_divergence["module"] == "norm"
+    assert [m.atol for m in result.outputs.values()] == [1e-4]  # the per-output tolerance was applied
+    assert result.first_divergence.module == "norm"
     assert len(forwards) == 1, forwards  # one eager run serves outputs and layers
     assert len(sessions) == 1, sessions  # one backend run: the instrumented copy gives outputs too

@@ -16,6 +16,7 @@ import pytest
 from normfold.exporter import export
 from normfold.gate import config_from_dict, run_gate
 from normfold.models.loader import load_model
+from normfold.numerics.tolerances import Tolerance
 
 GATE_MODELS = Path(__file__).with_name("gate_models.py")
 
@@ -114,7 +115,7 @@ def test_each_fault_fails_the_gate_at_default_tolerances(fault_report, name: str
     case = next(c for c in fault_report.cases if c.model == name)
     assert case.status == "failed", (case.status, case.reason)
     assert case.stage == "compare"
-    assert case.tolerance == {"atol": 1e-5, "rtol": 1e-4, "min_cosine": None, "allow_nonfinite": False}
+    assert case.tolerance == Tolerance(atol=1e-5, rtol=1e-4, min_cosine=None, allow_nonfinite=False)
     assert "out of tolerance" in case.reason
     assert case.max_abs is not None and case.max_abs > 1e-4
 
@@ -142,7 +143,7 @@ def test_failures_name_the_first_divergent_layer(fault_report, name: str) -> Non
         assert any("per-layer diff" in note for note in case.notes), case.notes
         return
     assert case.first_divergence is not None
-    assert case.first_divergence["module"] == FIRST_DIVERGENT_MODULE[name]
+    assert case.first_divergence is not None and case.first_divergence.module == FIRST_DIVERGENT_MODULE[name]
     assert case.reason.startswith(f"first divergent layer: {FIRST_DIVERGENT_MODULE[name]} (")
 
 
@@ -155,13 +156,8 @@ def test_fault_report_verdict_and_json(fault_report) -> None:
 
 
 def test_clean_export_was_optimized_before_the_compare(fault_report) -> None:
-    import importlib
-
     case = next(c for c in fault_report.cases if c.model == "clean_conv1d_bn")
-    if hasattr(importlib.import_module("normfold.fusers"), "optimize"):
-        assert case.optimize["available"] and case.optimize["applied"] > 0  # its BatchNorms were folded
-        assert case.optimize["ops_after"].get("BatchNormalization", 0) == 0
-        assert case.optimize["target"] == case.backend == "ort-cpu"  # norms lowered for the case's backend
-        assert case.optimize_summary().startswith("optimized: ")
-    else:
-        assert any("optimize unavailable" in n for n in case.notes)
+    assert case.optimize is not None and case.optimize.applied > 0  # its BatchNorms were folded
+    assert case.optimize.ops_after.get("BatchNormalization", 0) == 0
+    assert case.optimize.target == case.backend == "ort-cpu"  # norms lowered for the case's backend
+    assert case.optimize_summary().startswith("optimized: ")

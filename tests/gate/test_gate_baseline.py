@@ -11,25 +11,30 @@ from normfold.errors import ConfigError
 from normfold.gate import config_from_dict, run_gate
 from normfold.gate.baseline import drift_findings, latency_regression, load_baseline
 from normfold.gate.cases import CaseResult
+from normfold.gate.records import BaselineEntry, CaseLatency, OutputError
+from normfold.numerics.tolerances import Tolerance
+from tests.gate.typed_results import metrics
 
 GATE_MODELS = Path(__file__).with_name("gate_models.py")
 
 
 def _result(max_abs: float, p50: float | None = None, p90: float | None = None) -> CaseResult:
+    """A passing case measured without a baseline at hand (its latency verdict is ``no baseline``)."""
     r = CaseResult("m[ort-cpu-fp32]", "m", "ort-cpu", "fp32", "passed")
-    r.outputs = {"y": {"max_abs": max_abs, "max_rel": max_abs, "rel_l2": max_abs, "passed": True}}
-    r.tolerance = {"atol": 1e-5, "rtol": 1e-4}
+    r.outputs = {"y": metrics(max_abs)}
+    r.tolerance = Tolerance(atol=1e-5, rtol=1e-4)
     if p50 is not None:
-        r.latency = {"p50_ms": p50, **({"p90_ms": p90} if p90 is not None else {})}
+        p90 = p50 if p90 is None else p90
+        r.latency = CaseLatency(p50, p90, p50, p90, p50, 0.0, iterations=30, threads=1)
     return r
 
 
 def test_drift_beyond_the_factor_is_flagged_and_noise_below_the_floor_is_not() -> None:
-    entry = {"outputs": {"y": {"max_abs": 2e-6}}}
+    entry = BaselineEntry({"y": OutputError(2e-6)})
     assert drift_findings(_result(3e-6), entry, factor=2.0, floor=0.1) == []
     (finding,) = drift_findings(_result(5e-6), entry, factor=2.0, floor=0.1)
     assert finding.startswith("numeric drift on y: max_abs 5e-06 > 2× baseline 2e-06")
-    tiny = {"outputs": {"y": {"max_abs": 1e-8}}}
+    tiny = BaselineEntry({"y": OutputError(1e-8)})
     assert drift_findings(_result(1e-7), tiny, factor=2.0, floor=0.1) == []  # under 0.1·atol: rounding noise
     assert drift_findings(_result(1e-7), tiny, factor=2.0, floor=0.0) != []
 
@@ -45,7 +50,7 @@ def test_drift_beyond_the_factor_is_flagged_and_noise_below_the_floor_is_not() -
     ],
 )
 def test_latency_regression_is_noise_aware(new: tuple, old: tuple, regressed: bool) -> None:
-    entry = {"p50_ms": old[0], "p90_ms": old[1]}
+    entry = BaselineEntry(p50_ms=old[0], p90_ms=old[1])
     reason = latency_regression(_result(1e-7, *new), entry, threshold=0.10)
     assert (reason is not None) == regressed
     if regressed:
@@ -53,8 +58,8 @@ def test_latency_regression_is_noise_aware(new: tuple, old: tuple, regressed: bo
 
 
 def test_latency_without_measurements_is_not_judged() -> None:
-    assert latency_regression(_result(1e-7), {"p50_ms": 1.0}, threshold=0.1) is None
-    assert latency_regression(_result(1e-7, 5.0), {"outputs": {}}, threshold=0.1) is None
+    assert latency_regression(_result(1e-7), BaselineEntry(p50_ms=1.0), threshold=0.1) is None
+    assert latency_regression(_result(1e-7, 5.0), BaselineEntry(), threshold=0.1) is None
 
 
 def test_update_then_check_against_the_baseline(tmp_path: Path) -> None:
@@ -71,10 +76,11 @@ def test_update_then_check_against_the_baseline(tmp_path: Path) -> None:
     assert stored.baseline_updated
     baseline = load_baseline(tmp_path / "base.json")
     entry = baseline.cases["ln[ort-cpu-fp32]"]
-    (output,) = entry["outputs"].values()
-    assert output["max_abs"] == stored.cases[0].max_abs
+    (output,) = entry.outputs.values()
+    assert output.max_abs == stored.cases[0].max_abs
+    assert entry.layers and set(entry.layers) <= {row.name for row in stored.cases[0].layers.layers}
     again = run_gate(config, executor="local")
-    assert again.passed and again.cases[0].baseline["findings"] == []
+    assert again.passed and again.cases[0].baseline is not None and again.cases[0].baseline.findings == []
     # Pretend the last release was 1000× more accurate: today's error is now drift.
     raw = json.loads((tmp_path / "base.json").read_text())
     for out in raw["cases"]["ln[ort-cpu-fp32]"]["outputs"].values():
@@ -112,8 +118,8 @@ def test_latency_budget_fails_the_case_or_says_why_it_was_not_judged(tmp_path: P
     if bench_available:
         assert tight.status == "failed" and tight.stage == "bench"
         assert "exceeds the budget 1e-06 ms" in tight.reason
-        assert loose.status == "passed" and loose.latency["p50_ms"] > 0
-        assert loose.latency["budget_ms"] == 60_000
+        assert loose.status == "passed" and loose.latency is not None and loose.latency.p50_ms > 0
+        assert loose.latency.budget_ms == 60_000
     else:
         for case in (tight, loose):
             assert case.status == "passed" and case.latency is None

@@ -9,6 +9,8 @@ import pytest
 from normfold.errors import ConfigError
 from normfold.gate import config_from_dict, load_config, plan_cases
 from normfold.gate.baseline import Baseline
+from normfold.gate.config import OutputTolerance
+from normfold.gate.records import BaselineEntry, LatencyReference
 
 EXAMPLE = """
 jobs = 2
@@ -126,12 +128,12 @@ def test_model_keys_override_defaults_and_cases_expand(tmp_path: Path) -> None:
         "shipped[ort-cuda-fp16]",
     ]
     resnet, shipped = specs[0], specs[1]
-    assert resnet.settings["atol"] == 1e-5 and resnet.settings["rtol"] == 1e-3  # default + own override
-    assert resnet.settings["opset"] == 17 and resnet.settings["timeout_s"] == 120
+    assert resnet.settings.atol == 1e-5 and resnet.settings.rtol == 1e-3  # default + own override
+    assert resnet.settings.opset == 17 and resnet.timeout_s == 120
     assert resnet.bench  # a latency budget for its backend asks for a benchmark
     assert not shipped.bench
-    assert shipped.settings["optimize"] is False
-    assert shipped.settings["outputs"] == {"logits": {"atol": 1e-3, "rtol": None}}
+    assert shipped.settings.optimize is False
+    assert shipped.settings.outputs == {"logits": OutputTolerance(atol=1e-3, rtol=None)}
     assert shipped.onnx == str(tmp_path / "artifacts/conv1d.onnx")
     assert shipped.inputs_npz == str(tmp_path / "data/samples.npz")
     assert resnet.required and not specs[3].required  # require = ["ort-cpu"] in the file
@@ -142,8 +144,10 @@ def test_baseline_with_latency_or_update_turns_bench_on(tmp_path: Path) -> None:
     config = config_from_dict({"models": [{"ref": "zoo:conv1d_bn"}]}, base_dir=tmp_path)
     assert not plan_cases(config)[0].bench
     assert plan_cases(config, update=True)[0].bench
-    stored = Baseline(cases={"conv1d_bn[ort-cpu-fp32]": {"outputs": {}, "p50_ms": 1.0}})
-    assert plan_cases(config, baseline=stored)[0].bench
+    stored = Baseline(cases={"conv1d_bn[ort-cpu-fp32]": BaselineEntry(p50_ms=1.0, artifact="b-artifacts/c.onnx")})
+    (spec,) = plan_cases(config, baseline=stored)
+    assert spec.bench and spec.latency_baseline == LatencyReference(1.0, 0.10, None, str(Path("b-artifacts/c.onnx")))
+    assert plan_cases(config, baseline=stored, update=True)[0].latency_baseline is None
 
 
 def test_duplicate_case_ids_and_conflicting_inputs_are_errors() -> None:

@@ -66,7 +66,7 @@ def test_local_and_process_executors_give_the_same_verdicts(mixed_config) -> Non
     local = run_gate(mixed_config, executor="local")
     assert _verdicts(local) == _expected()
     ln = next(c for c in local.cases if c.model == "ln")
-    assert [m["atol"] for m in ln.outputs.values()] == [1e-3]  # the per-output tolerance was applied
+    assert [m.atol for m in ln.outputs.values()] == [1e-3]  # the per-output tolerance was applied
     # The process run also gets a case that segfaults and one that hangs: each is that case's error,
     # and the gate goes on (one run, so worker start-up is paid once).
     faulty = mixed_config.model_copy(deep=True)

@@ -69,11 +69,13 @@ def test_the_gate_confirms_a_real_slowdown_and_passes_the_unchanged_model(tmp_pa
 
     same = run_gate(config(clean), executor="local").cases[0]
     assert same.status == "passed", same.reason
-    assert same.latency["verdict"] in ("ok", "noise") and same.latency["stability"]["windows"] >= 3
-    assert same.latency["confirm"]["method"] == "interleaved with the baseline artifact"
+    assert same.latency is not None and same.latency.stability is not None and same.latency.confirm is not None
+    assert same.latency.verdict in ("ok", "noise") and same.latency.stability.windows >= 3
+    assert same.latency.confirm.method == "interleaved with the baseline artifact"
 
     slowed = run_gate(config(slow), executor="local").cases[0]
     assert slowed.status == "failed" and slowed.stage == "baseline"
-    assert slowed.latency["verdict"] == "regressed" and slowed.latency["ratio"] > 1.5
+    assert slowed.latency is not None and slowed.latency.ratio is not None
+    assert slowed.latency.verdict == "regressed" and slowed.latency.ratio > 1.5
     assert slowed.reason.startswith("latency regression: p50 ") and "interleaved" in slowed.reason
-    assert all(m["passed"] for m in slowed.outputs.values())  # the slowdown changes no number
+    assert all(m.passed for m in slowed.outputs.values())  # the slowdown changes no number

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -14,58 +15,54 @@ from normfold.gate.cases import CaseResult
 from normfold.gate.html import html_report, write_html
 from normfold.gate.junit import write_junit
 from normfold.gate.markdown import markdown_summary, write_markdown
+from normfold.gate.records import CaseLatency, OptimizeSummary
 from normfold.gate.report import GateReport, report_json, write_json
+from normfold.numerics.layer_report import LayerReport, LayerResult
+from normfold.numerics.tolerances import Tolerance
+from tests.gate.typed_results import metrics
+
+TOL = Tolerance(atol=1e-5, rtol=1e-4)
 
 
-def _metrics(max_abs: float, passed: bool) -> dict:
-    return {
-        "name": "y",
-        "max_abs": max_abs,
-        "mean_abs": max_abs / 3,
-        "max_rel": max_abs * 10,
-        "cosine": 0.99 if not passed else 1.0,
-        "rel_l2": max_abs,
-        "mismatch_fraction": 0.0 if passed else 0.25,
-        "atol": 1e-5,
-        "rtol": 1e-4,
-        "passed": passed,
-        "reason": "" if passed else "25.00% of elements exceed atol+rtol·|ref|",
-    }
+def _layer(order: int, module: str, max_abs: float, passed: bool) -> LayerResult:
+    return LayerResult(
+        name=module,
+        module=module,
+        module_type="Linear",
+        call=0,
+        output_index=0,
+        order=order,
+        depth=1,
+        status="pass" if passed else "fail",
+        tolerance=TOL,
+        metrics=dataclasses.replace(metrics(max_abs, passed), name=module),
+    )
 
 
 @pytest.fixture
 def report() -> GateReport:
     ok = CaseResult("good[ort-cpu-fp32]", "good", "ort-cpu", "fp32", "passed", duration_s=1.5)
-    ok.outputs = {"y": _metrics(2e-7, True)}
-    ok.tolerance = {"atol": 1e-5, "rtol": 1e-4, "min_cosine": None}
-    ok.latency = {"p50_ms": 0.42, "p90_ms": 0.5}
-    ok.optimize = {
-        "available": True,
-        "applied": 3,
-        "ops_before": {"Conv": 2, "BatchNormalization": 2},
-        "ops_after": {"Conv": 2},
-    }
+    ok.outputs = {"y": metrics(2e-7, True)}
+    ok.tolerance = TOL
+    ok.latency = CaseLatency(0.42, 0.5, 0.4, 0.6, 0.43, 0.01, iterations=30, threads=1)
+    ok.optimize = OptimizeSummary("portable", 3, {"Conv": 2, "BatchNormalization": 2}, {"Conv": 2}, 0.1)
     bad = CaseResult("bad[ort-cpu-fp32]", "bad", "ort-cpu", "fp32", "passed", duration_s=2.0)
-    bad.outputs = {"y": _metrics(3e-2, False)}
-    bad.tolerance = {"atol": 1e-5, "rtol": 1e-4, "min_cosine": None}
+    bad.outputs = {"y": metrics(3e-2, False)}
+    bad.tolerance = TOL
     bad.fail("outputs ['y'] out of tolerance; y: max_abs=0.03", "compare")
-    bad.first_divergence = {
-        "module": "block.norm",
-        "onnx_node": "ln_0",
-        "op_type": "LayerNormalization",
-        "max_abs": 3e-2,
-        "max_rel": 0.3,
-        "explanation": "block.norm is the first layer out of tolerance; its inputs match eager",
-    }
+    bad.layers = LayerReport(
+        "ort-cpu",
+        "bad.onnx",
+        TOL,
+        [_layer(0, "block.fc", 1e-7, True), _layer(1, "block.norm", 3e-2, False), _layer(2, "head", 5e-2, False)],
+    )
+    bad.first_divergence = dataclasses.replace(
+        bad.layers.first_divergence,
+        onnx_node="ln_0",
+        op_type="LayerNormalization",
+        explanation="block.norm is the first layer out of tolerance; its inputs match eager",
+    )
     bad.reason = "first divergent layer: block.norm (LayerNormalization); " + bad.reason
-    bad.layers = {
-        "layers": [
-            {"module": "block.fc", "max_abs": 1e-7, "passed": True},
-            {"module": "block.norm", "max_abs": 3e-2, "passed": False},
-            {"module": "head", "max_abs": 5e-2, "passed": False},
-        ],
-        "first_divergence": bad.first_divergence,
-    }
     crashed = CaseResult("boom[ort-cpu-fp32]", "boom", "ort-cpu", "fp32", "error", duration_s=0.5)
     crashed.reason, crashed.stage = "worker process killed by SIGSEGV <&> \x07 while running", "crash"
     skipped = CaseResult("good[ort-cuda-fp32]", "good", "ort-cuda", "fp32", "skipped")
@@ -130,7 +127,8 @@ def test_html_is_self_contained_with_the_per_layer_plot(report: GateReport, tmp_
 
 
 def test_json_is_strict_and_complete(report: GateReport, tmp_path: Path) -> None:
-    report.cases[1].outputs["y"]["max_rel"] = float("inf")
+    y = report.cases[1].outputs["y"]
+    report.cases[1].outputs["y"] = dataclasses.replace(y, max_rel=float("inf"))
     data = json.loads(report_json(report))
     assert data["passed"] is False
     assert data["counts"] == {"passed": 1, "failed": 1, "error": 1, "skipped": 1}

@@ -120,7 +120,8 @@ def test_the_gate_fails_and_names_the_fault(faulty_gate, fault: str) -> None:
     case = next(c for c in report.cases if c.model == fault)
     assert case.status == "failed" and case.stage == "compare", (case.status, case.reason)
     assert case.first_divergence is not None, case.reason
-    assert case.first_divergence["name"] == expected[fault], case.first_divergence["explanation"]
+    assert case.first_divergence is not None
+    assert case.first_divergence.name == expected[fault], case.first_divergence.explanation
     assert case.reason.startswith(f"first divergent layer: {expected[fault]} (")
 
 
@@ -128,4 +129,4 @@ def test_clean_optimized_models_pass(faulty_gate) -> None:
     report, _ = faulty_gate
     for case in (c for c in report.cases if c.model.startswith("clean_")):
         assert case.status == "passed", (case.model, case.reason)
-        assert case.layers is not None and case.layers["counts"]["failed"] == 0
+        assert case.layers is not None and case.layers.counts["failed"] == 0

@@ -138,13 +138,14 @@ _WORKER_PARENT = """
 import os, socket, subprocess, sys, time
 from multiprocessing.connection import Connection
 from normfold.gate.cases import CaseSpec
+from normfold.gate.config import CaseSettings
 parent, child = socket.socketpair()
 proc = subprocess.Popen([sys.executable, "-m", "normfold.gate._worker", str(child.fileno()), str(os.getpid())],
                         pass_fds=(child.fileno(),), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 print(proc.pid, flush=True)
 conn = Connection(parent.detach())
 conn.send(CaseSpec("hangs[ort-cpu-fp32]", "hangs", "{ref}", "ort-cpu", "fp32",
-                   {{"timeout_s": {timeout}, "optimize": False, "per_layer": False}},
+                   CaseSettings(timeout_s={timeout}, optimize=False, per_layer=False),
                    onnx="{onnx}", inputs=["x:1x4"], unavailable=""))
 time.sleep(600)  # the parent never enforces the deadline, never reads, never stops the worker
 """

@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from normfold.errors import BackendUnavailableError, InputSpecError, UsageError
+from normfold.fusers.precision import model_for_precision
 from normfold.runtime import get_backend
 from normfold.runtime._gpu_common import (
     build_profiles,
@@ -278,12 +279,12 @@ def test_a_session_that_fell_back_to_cpu_is_an_error(tmp_path: Path) -> None:
 
 def test_runner_without_io_binding_and_fp16_conversion_cache(tmp_path: Path) -> None:
     model = _ln_model(tmp_path / "m.onnx")
-    converted = converted_model(model, "fp16", tmp_path / "cache")
+    converted = model_for_precision(model, "fp16", tmp_path / "cache")
     assert converted.parent == tmp_path / "cache" / "converted" and converted.name.endswith(".fp16.onnx")
     stamp = converted.stat().st_mtime_ns
-    assert converted_model(model, "fp16", tmp_path / "cache") == converted
+    assert model_for_precision(model, "fp16", tmp_path / "cache") == converted
     assert converted.stat().st_mtime_ns == stamp
-    assert converted_model(model, "fp32", tmp_path / "cache") == model
+    assert model_for_precision(model, "fp32", tmp_path / "cache") == model
     session = ort.InferenceSession(str(converted), providers=["CPUExecutionProvider"])
     runner = GpuOrtRunner(session, "ort-cuda", io_binding=False)
     x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
@@ -320,7 +321,9 @@ def test_gpu_backend_matches_cpu(tmp_path: Path, name: str, precision: str) -> N
     model = _ln_model(tmp_path / "m.onnx")
     x = np.random.default_rng(0).standard_normal((4, 5, 8)).astype(np.float32)
     ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    opts = SessionOptions(precision=precision, cache_dir=tmp_path / "cache", batch_sizes=(1, 4))
+    opts = SessionOptions(
+        precision=precision, cache_dir=tmp_path / "cache", batch_sizes=(1, 4), convert=model_for_precision
+    )
     with backend.load(model, opts) as runner:
         (y,) = runner.infer({"x": x}).values()
     tol = 1e-5 if precision == "fp32" else 1e-2
@@ -438,3 +441,42 @@ def test_gpu_runtime_modules_share_a_common_module_and_import_no_fuser() -> None
     from normfold.runtime import onnxruntime as ort_module
 
     assert not hasattr(ort_module, "OrtCudaBackend")  # one class per name: the GPU backends live in one module
+
+
+def test_a_low_precision_reaches_each_gpu_backend_as_the_file_it_loads(tmp_path: Path) -> None:
+    """ort-cuda loads the fp16/bf16 conversion; ort-trt converts only bf16 (fp16 is the EP's switch);
+    fp32/tf32 load the model itself. The conversion is the caller's (SessionOptions.convert)."""
+    from normfold.runtime.onnxruntime_gpu import OrtTensorrtBackend
+
+    model = _ln_model(tmp_path / "m.onnx")
+    cache = tmp_path / "cache"
+
+    def opts(precision: str) -> SessionOptions:
+        return SessionOptions(precision=precision, cache_dir=cache, convert=model_for_precision)
+
+    fp16 = OrtCudaBackend().prepared_model(model, opts("fp16"))
+    assert fp16 != model and fp16.parent == cache / "converted" and fp16.name.endswith(".fp16.onnx")
+    graph = onnx.load(str(fp16)).graph
+    assert graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # fp32 I/O kept
+    casts = [a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"]
+    assert TensorProto.FLOAT16 in casts  # the graph computes in fp16 between fp32 boundaries
+    assert OrtCudaBackend().prepared_model(model, opts("tf32")) == model
+    trt = OrtTensorrtBackend()
+    assert trt.prepared_model(model, opts("fp16")) == model
+    assert trt.prepared_model(model, opts("bf16")).name.endswith(".bf16.onnx")
+
+
+def test_a_low_precision_without_a_converter_is_refused_not_run_at_fp32(tmp_path: Path) -> None:
+    model = _ln_model(tmp_path / "m.onnx")
+    with pytest.raises(UsageError, match=r"fp16 on a GPU backend runs a converted model.*model_for_precision"):
+        converted_model(model, SessionOptions(precision="fp16"))
+    assert converted_model(model, SessionOptions(precision="fp32")) == model
+    with pytest.raises(UsageError, match="precision 'int8'"):
+        converted_model(model, SessionOptions(precision="int8", convert=model_for_precision))
+
+
+def test_the_layers_above_runtime_hand_the_gpu_backends_the_converter() -> None:
+    from normfold.bench.harness import session_options_for
+
+    opts = session_options_for("ort-cuda", batch_size=1, threads=1, precision="fp16")
+    assert opts.precision == "fp16" and opts.convert is model_for_precision

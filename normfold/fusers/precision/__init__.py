@@ -28,9 +28,12 @@ The automatic mode (:func:`select_fp32_islands`) starts with every island in low
 callable for per-tensor errors against a reference, keeps in fp32 the islands whose output error
 exceeds a threshold *and* grows by more than ``growth``× over their input error (the error is created
 there, not inherited), and repeats until no island is added.
+
+The GPU backends run fp16/bf16 on :func:`model_for_precision`'s cached conversion, which their callers
+pass in (``SessionOptions.convert``): runtime never imports this package.
 """
 
-from normfold.fusers.precision.api import PrecisionReport, convert_precision, validate_fp32_ops
+from normfold.fusers.precision.api import PrecisionReport, convert_precision, model_for_precision, validate_fp32_ops
 from normfold.fusers.precision.auto import AutoPrecision, AutoRound, ErrorFn, select_fp32_islands
 from normfold.fusers.precision.convert_pass import ConversionIssue, Precision, PrecisionPass, PrecisionStats
 from normfold.fusers.precision.islands import (
@@ -58,6 +61,7 @@ __all__ = [
     "PrecisionStats",
     "convert_precision",
     "find_islands",
+    "model_for_precision",
     "select_fp32_islands",
     "validate_fp32_ops",
 ]

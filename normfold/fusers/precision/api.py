@@ -1,4 +1,5 @@
-"""The conversion API: :func:`convert_precision` and its :class:`PrecisionReport`."""
+"""The conversion API: :func:`convert_precision` and its :class:`PrecisionReport`, and
+:func:`model_for_precision`, the cached conversion the GPU backends load."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from normfold.fusers.precision.auto import AutoPrecision, AutoRound, load_proto,
 from normfold.fusers.precision.convert_pass import ConversionIssue, Precision, PrecisionPass
 from normfold.fusers.precision.islands import DECOMPOSED_NORM, DEFAULT_FP32_OPS, Island, find_islands, name_nodes
 from normfold.io import save_onnx
-from normfold.onnx_files import uses_external_data
+from normfold.onnx_files import model_digest, uses_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,25 @@ def convert_precision(
         auto_rounds=rounds,
         model=out,
     )
+
+
+def model_for_precision(onnx_path: Path, precision: str, cache_dir: Path) -> Path:
+    """``onnx_path`` itself for fp32/tf32, else its fp16/bf16 conversion with fp32 norm islands and fp32 I/O.
+
+    Cached under ``cache_dir/converted`` by content hash (the model and its external data), so the same
+    model converts once. This is the :data:`~normfold.runtime.base.PrecisionConverter` that compare, bench,
+    the gate and triton hand the GPU backends (``SessionOptions(convert=model_for_precision)``).
+    """
+    if precision in ("fp32", "tf32"):
+        return onnx_path
+    if precision not in ("fp16", "bf16"):
+        raise UsageError(f"precision {precision!r} is not one of fp32, tf32, fp16, bf16")
+    low: Precision = "fp16" if precision == "fp16" else "bf16"
+    digest = model_digest(onnx_path)[:16]
+    dst = cache_dir / "converted" / f"{onnx_path.stem}.{digest}.{low}.onnx"
+    if not dst.exists():
+        convert_precision(onnx_path, dst, precision=low, keep_io_types=True)
+    return dst
 
 
 def validate_fp32_ops(fp32_ops: Collection[str] | None) -> None:
