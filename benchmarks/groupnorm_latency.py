@@ -2,10 +2,11 @@
 
 Two measurements, every session ORT CPU with default graph optimizations, timed interleaved in one process:
 
-* ``--forms``: one GroupNorm at 1×128×64×64, G=32, in the three exact forms — GroupNormalization-21
+* ``--forms``: one GroupNorm at 1×128×64×64, G=32, in the four exact forms — GroupNormalization-21
   (ORT's CPU EP has no kernel and expands it), the InstanceNormalization form
-  (Reshape → InstanceNormalization → Reshape → Mul → Add) and the decomposed ReduceMean form. This is the
-  measurement behind ``normfold.fusers.lowering``'s choice for ort-cpu.
+  (Reshape → InstanceNormalization → Reshape → Mul → Add), the same with the affine as one
+  ``BatchNormalization(γ, β, mean 0, var 1, ε 0)`` (what ``--target ort-cpu`` emits) and the decomposed
+  ReduceMean form. This is the measurement behind ``normfold.fusers.lowering``'s choice for ort-cpu.
 * default: ``--blocks`` copies of the zoo's ``unet_resblock`` (2 GroupNorms each), exported by dynamo at
   opset 21 (GroupNormalization-21), then ``normfold.optimize`` with ``target="portable"`` (GN-21 kept)
   and ``target="ort-cpu"`` (lowered to the InstanceNormalization form), next to the legacy TorchScript
@@ -88,6 +89,8 @@ def gn_forms(c: int = 128, hw: int = 64, groups: int = 32) -> dict[str, onnx.Mod
         numpy_helper.from_array(np.zeros(groups, np.float32), "zero"),
         numpy_helper.from_array(np.array([2], np.int64), "axis"),
         numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+        numpy_helper.from_array(np.zeros(c, np.float32), "mean0"),
+        numpy_helper.from_array(np.ones(c, np.float32), "var1"),
     ]
     n = helper.make_node
     tail = [n("Reshape", ["u", "back"], ["r2"]), n("Mul", ["r2", "s3"], ["m"]), n("Add", ["m", "b3"], ["y"])]
@@ -97,6 +100,12 @@ def gn_forms(c: int = 128, hw: int = 64, groups: int = 32) -> dict[str, onnx.Mod
             n("Reshape", ["x", "grouped"], ["r"]),
             n("InstanceNormalization", ["r", "one", "zero"], ["u"], epsilon=1e-5),
             *tail,
+        ],
+        "IN form, BatchNorm affine": [
+            n("Reshape", ["x", "grouped"], ["r"]),
+            n("InstanceNormalization", ["r", "one", "zero"], ["u"], epsilon=1e-5),
+            n("Reshape", ["u", "back"], ["r2"]),
+            n("BatchNormalization", ["r2", "s", "b", "mean0", "var1"], ["y"], epsilon=0.0),
         ],
         "decomposed ReduceMean form": [
             n("Reshape", ["x", "grouped"], ["r"]),
@@ -122,8 +131,17 @@ def gn_forms(c: int = 128, hw: int = 64, groups: int = 32) -> dict[str, onnx.Mod
     }
 
 
+def _drop_unused(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The forms share one initializer list; keep each form's own (ORT warns about unused ones)."""
+    used = {i for node in model.graph.node for i in node.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return model
+
+
 def forms(args: argparse.Namespace) -> None:
-    models = gn_forms()
+    models = {k: _drop_unused(m) for k, m in gn_forms().items()}
     sessions = {k: _session(m, args.threads) for k, m in models.items()}
     x = np.random.default_rng(1).standard_normal((1, 128, 64, 64)).astype(np.float32)
     outs = {k: s.run(None, {"x": x})[0] for k, s in sessions.items()}
