@@ -19,7 +19,8 @@ from normfold.exporter.provenance import module_path
 from normfold.fusers import optimize
 from normfold.fusers.lowering import TARGETS
 
-IN_FORM_OPS = {"Reshape": 2, "InstanceNormalization": 1, "Mul": 1, "Add": 1}
+IN_FORM_OPS = {"Reshape": 2, "InstanceNormalization": 1, "Mul": 1, "Add": 1}  # ort-cuda: affine as Mul → Add
+CPU_FORM_OPS = {"Reshape": 2, "InstanceNormalization": 1, "BatchNormalization": 1}  # ort-cpu: affine as one BN
 
 
 def gn_model(shape: list[int], groups: int, *, seed: int = 0, affine: bool = True, dtype: int = TensorProto.FLOAT):
@@ -60,7 +61,9 @@ def test_ort_targets_lower_groupnorm_to_instance_norm(
 ) -> None:
     model, scale, bias = gn_model(shape, groups, affine=affine)
     report = optimize(model, tmp_path / "o.onnx", target=target)
-    want = IN_FORM_OPS if affine else {"Reshape": 2, "InstanceNormalization": 1}
+    want = (
+        (CPU_FORM_OPS if target == "ort-cpu" else IN_FORM_OPS) if affine else {"Reshape": 2, "InstanceNormalization": 1}
+    )
     assert ops(tmp_path / "o.onnx") == want and report.target == target
     (event,) = report.rules["lower_norms"].events
     assert event.status == "applied" and "InstanceNormalization form" in event.reason and event.nodes == ("gn",)
@@ -132,4 +135,15 @@ def test_unknown_target_is_a_usage_error(tmp_path: Path) -> None:
     res = CliRunner().invoke(
         app, ["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--target", "ort-cpu"]
     )
-    assert res.exit_code == 0 and "target: ort-cpu" in res.output and ops(tmp_path / "o.onnx") == IN_FORM_OPS
+    assert res.exit_code == 0 and "target: ort-cpu" in res.output and ops(tmp_path / "o.onnx") == CPU_FORM_OPS
+
+
+@pytest.mark.parametrize(("gamma", "beta", "want"), [(1.0, 0.3, {"Add": 1}), (0.7, 0.0, {"Mul": 1})])
+def test_ort_cpu_affine_with_an_identity_part_keeps_the_single_op(gamma: float, beta: float, want: dict) -> None:
+    """The BatchNormalization affine replaces Mul → Add only; a lone Mul or Add stays one node."""
+    model, _, _ = gn_model([1, 8, 4, 4], 2)
+    for init, value in zip(model.graph.initializer, (gamma, beta), strict=True):
+        init.CopyFrom(onnx.numpy_helper.from_array(np.full(8, value, np.float32), init.name))
+    report = optimize(model, target="ort-cpu")
+    assert report.ops_after == {"Reshape": 2, "InstanceNormalization": 1, **want}
+    assert report.verification is not None and report.verification.passed
