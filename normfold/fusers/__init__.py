@@ -9,6 +9,7 @@ from normfold.fusers import batchnorm as _batchnorm  # noqa: F401  (registers th
 from normfold.fusers import gather as _gather  # noqa: F401  (registers fold_constant_gather)
 from normfold.fusers import gemm as _gemm  # noqa: F401  (registers matmul_add_to_gemm)
 from normfold.fusers import groupnorm, layernorm, rmsnorm  # noqa: F401  (register the norm fusions)
+from normfold.fusers import neutral as _neutral  # noqa: F401  (registers drop_neutral_ops)
 from normfold.fusers.base import (
     PASS_REGISTRY,
     NormfoldPass,

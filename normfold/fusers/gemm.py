@@ -215,12 +215,14 @@ class MatMulAddToGemm(Rule[GemmSite]):
             out = back.outputs[0]
         for node in created:
             g.stamp(node, matmul)  # the Linear's module: compare --per-layer finds it
+        dtype = add.outputs[0].dtype
         g.swap(scope.graph, [matmul, add], created, add.outputs[0], out)
         if site.lead:
             known = [d for d in site.lead if d is not None]
             rows = int(np.prod(known)) if len(known) == len(site.lead) else None
-            a.shape = ir.Shape([rows, k])
-            gemm.outputs[0].shape = ir.Shape([rows, n])
+            a.shape, gemm.outputs[0].shape = ir.Shape([rows, k]), ir.Shape([rows, n])
+            if dtype is not None:
+                a.dtype = gemm.outputs[0].dtype = dtype
         return created
 
     def describe(self, site: GemmSite, created: list[ir.Node]) -> str:
