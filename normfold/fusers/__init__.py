@@ -10,6 +10,7 @@ from normfold.fusers import gather as _gather  # noqa: F401  (registers fold_con
 from normfold.fusers import gemm as _gemm  # noqa: F401  (registers matmul_add_to_gemm)
 from normfold.fusers import groupnorm, layernorm, rmsnorm  # noqa: F401  (register the norm fusions)
 from normfold.fusers import neutral as _neutral  # noqa: F401  (registers drop_neutral_ops)
+from normfold.fusers import reshape as _reshape  # noqa: F401  (registers collapse_reshapes)
 from normfold.fusers.base import (
     PASS_REGISTRY,
     NormfoldPass,

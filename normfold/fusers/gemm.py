@@ -36,6 +36,7 @@ import onnx_ir as ir
 from normfold.fusers import _graph as g
 from normfold.fusers._facts import GraphFacts
 from normfold.fusers.base import Reject, Rule, Scope, Site, register_rule
+from normfold.fusers.reshape import reads_input_dims, reshape_target
 
 logger = logging.getLogger(__name__)
 
@@ -90,19 +91,11 @@ def bias_row(b: np.ndarray, n: int, out_rank: int) -> np.ndarray | None:
     return b.reshape(n)
 
 
-def _reshape_target(node: ir.Node) -> np.ndarray | None:
-    """The constant shape a Reshape asks for, else None."""
-    if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-        return None
-    shape = g.const_array(node.inputs[1])
-    return None if shape is None else shape.reshape(-1)
-
-
 def _source(x: ir.Value) -> ir.Value:
     """What the ``[−1, K]`` Reshape can read instead of x: the input of x's own Reshape when only this
     MatMul reads x (two reshapes compose), else x itself."""
     producer = x.producer()
-    if producer is not None and _reshape_target(producer) is not None and g.sole_consumer(x) is not None:
+    if producer is not None and reshape_target(producer) is not None and g.sole_consumer(x) is not None:
         inner = producer.inputs[0]
         if inner is not None:
             return inner
@@ -113,12 +106,10 @@ def _then(y: ir.Value) -> ir.Node | None:
     """A Reshape that is the sole reader of ``y`` and can read the Gemm output instead (no ``0`` that
     copies a dim from its input, unless ``allowzero``)."""
     node = g.sole_consumer(y)
-    target = _reshape_target(node) if node is not None else None
+    target = reshape_target(node) if node is not None else None
     if node is None or target is None:
         return None
-    if np.any(target == 0) and not g.attr_int(node, "allowzero", 0):
-        return None
-    return node
+    return None if reads_input_dims(node, target) else node
 
 
 @register_rule
@@ -236,7 +227,7 @@ def _shared_rows(source: ir.Value, k: int, graph: ir.Graph | None) -> ir.Value |
     """The output of an existing ``Reshape(source, [−1, K])`` in ``graph`` (Q/K/V share one), else None."""
     for use in source.uses():
         node = use.node
-        target = _reshape_target(node)
+        target = reshape_target(node)
         if use.idx == 0 and node.graph is graph and target is not None and target.tolist() == [-1, k]:
             return node.outputs[0]
     return None
