@@ -118,7 +118,6 @@ class MatMulAddToGemm(Rule[GemmSite]):
 
     name = "matmul_add_to_gemm"
     anchors = ("MatMul",)
-    prime_facts = True  # the matcher reads x's rank and leading dims
 
     def match(self, facts: GraphFacts, node: ir.Node) -> GemmSite | Reject | None:
         x, w = (*node.inputs, None)[:2]
