@@ -191,6 +191,7 @@ MODELS: dict[str, Callable[[int], Built]] = {
     "timm_resnet50_gn": timm_model("resnet50_gn"),
     "timm_vit_tiny": timm_model("vit_tiny_patch16_224"),
     "timm_poolformer_s12": timm_model("poolformer_s12"),
+    "timm_levit_128s": timm_model("levit_128s"),  # 46 MatMul→Reshape→BatchNorm1d sites (issue 11)
     "hf_bert_2l": hf_bert,
     "hf_vit_4l": hf_vit,
     "diffusers_unet": diffusers_unet,

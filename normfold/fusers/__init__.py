@@ -6,7 +6,11 @@ rewrite is one :class:`Rule` subclass decorated with :func:`register_rule` (see 
 
 from normfold.fusers import affine as _affine  # noqa: F401  (registers fold_affine)
 from normfold.fusers import batchnorm as _batchnorm  # noqa: F401  (registers the BN rules)
+from normfold.fusers import gather as _gather  # noqa: F401  (registers fold_constant_gather)
+from normfold.fusers import gemm as _gemm  # noqa: F401  (registers matmul_add_to_gemm)
 from normfold.fusers import groupnorm, layernorm, rmsnorm  # noqa: F401  (register the norm fusions)
+from normfold.fusers import neutral as _neutral  # noqa: F401  (registers drop_neutral_ops)
+from normfold.fusers import reshape as _reshape  # noqa: F401  (registers collapse_reshapes)
 from normfold.fusers.base import (
     PASS_REGISTRY,
     NormfoldPass,

@@ -168,15 +168,18 @@ def infer_shapes(model: ir.Model) -> int:
 
 
 def _needs_shapes(model: ir.Model) -> bool:
-    """True when a Shape/Size reads a value of unknown shape (folding needs it) or a BatchNormalization
-    reads a MatMul/Gemm output of unknown rank (the folding rules need it; a Conv's rank is its
-    weight's). Dynamo exports store every shape, so this is about TorchScript exports."""
+    """True when a Shape/Size reads a value of unknown shape or a CastLike one of unknown dtype (folding
+    needs them: timm's attention scale is ``CastLike(scale, q)``), or a BatchNormalization reads a
+    MatMul/Gemm output of unknown rank (the folding rules need it; a Conv's rank is its weight's)."""
     for node in model.graph:
         x = node.inputs[0] if node.inputs else None
         if x is None:
             continue
         if node.op_type in ("Shape", "Size") and (x.shape is None or not x.shape.is_static()):
             return True
+        like = node.inputs[1] if node.op_type == "CastLike" and len(node.inputs) > 1 else None
+        if like is not None and like.dtype is None:
+            return True  # CastLike folds to a constant once its target's dtype is known
         if node.op_type == "BatchNormalization" and x.shape is None:
             producer = x.producer()
             if producer is not None and producer.op_type in ("MatMul", "Gemm"):
