@@ -73,11 +73,8 @@ from normfold.numerics._layer_rows import (
     _follow_credited,
     _never_called_rows,
 )
-from normfold.numerics._onnx_match import (
-    _Graph,
-    _Match,
-    _match_all,
-)
+from normfold.numerics._onnx_graph import _Graph
+from normfold.numerics._onnx_match import _Match, _match_all
 from normfold.numerics.layer_report import (
     FirstDivergence,
     LayerReport,
