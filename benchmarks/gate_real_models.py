@@ -52,8 +52,9 @@ NATIVE_SIZE = {"timm:efficientformer_l1": 224}
 def build(spec: str) -> torch.nn.Module:
     kind, name = spec.split(":", 1)
     torch.manual_seed(0)
+    # timm imports torchvision too: stub before either, or a timm-only --models list fails
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     if kind == "tv":
-        sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
         import torchvision
 
         return torchvision.models.get_model(name, weights=None).eval()

@@ -315,7 +315,8 @@ def _folded_into_producer(c: _Call, ctx: _Context, matches: dict[tuple[int, int]
     fed = matches.get(src) if src is not None else None
     if src is None or fed is None or fed.value is None or fed.alias_of:
         return None
-    if any(c.input_ids[0] in other.input_ids for other in t.calls if other is not c) or any(
+    others = (o for o in t.calls if o is not c and not is_ancestor(o.path, c.path))  # containers pass it down
+    if any(c.input_ids[0] in other.input_ids for other in others) or any(
         c.input_ids[0] in f.input_ids for f in t.functional
     ):
         return None
@@ -350,6 +351,9 @@ def _absorbed(
     found = _absorber(ctx.g, c.path, inputs, last_call, c.order, shape) if inputs else None
     if found is None:
         feeder = next((s for s in (_source_call(i, t.calls, t.producer, c.order) for i in c.input_ids) if s), None)
+        along = _fused_along(c, feeder, ctx, matches, last_call) if not inputs else None
+        if along is not None:
+            return along
         untracked = (
             f"its input comes from {t.calls[feeder[0]].path or _ROOT_LABEL}, which has no ONNX value of its own"
             if feeder is not None
@@ -370,6 +374,27 @@ def _absorbed(
             fused_into=owner,
         )
     return _Match(status="fused", fused_into=owner, reason=f"{node.op_type} {node.name!r}")
+
+
+def _fused_along(
+    c: _Call,
+    feeder: tuple[int, int] | None,
+    ctx: _Context,
+    matches: dict[tuple[int, int], _Match],
+    last_call: dict[str, int],
+) -> _Match | None:
+    """A nodeless module fed only by a call that was fused into a later module ``X``: it went into ``X``'s
+    node along with its input (efficientformer's ``fc2 → norm2`` folded with the layer scale after them).
+    Nothing of it is left in the graph between its input and ``X``, so ``X``'s node computes it too."""
+    if feeder is None or len(c.input_ids) != 1:
+        return None
+    fed = matches.get(feeder)
+    if fed is None or fed.status != "fused" or fed.fused_into is None:
+        return None
+    into = fed.fused_into
+    if not (last_call.get(into, -1) > c.order or is_ancestor(into, c.path)):
+        return None
+    return dataclasses.replace(fed, alias_of="", reason=f"{fed.reason}, with its input {ctx.names[feeder]}")
 
 
 def _follow_child(c: _Call, j: int, ctx: _Context, matches: dict[tuple[int, int], _Match]) -> None:

@@ -105,9 +105,10 @@ class LayerScaleBlock(nn.Module):
     """timm's ConvNeXt (``x.mul(gamma)`` in the block) and MetaFormer (a ``Scale`` module) layer scales
     after an Mlp whose last conv the optimizer folds the multiply into."""
 
-    def __init__(self, c: int = 8, functional: bool = True) -> None:
+    def __init__(self, c: int = 8, functional: bool = True, norm: bool = False) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.GELU(), nn.Conv2d(2 * c, c, 1), nn.Dropout(0.0))
+        last = nn.BatchNorm2d(c) if norm else nn.Identity()  # efficientformer's ConvMlpWithNorm: fc2 → norm2
+        self.mlp = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.GELU(), nn.Conv2d(2 * c, c, 1), last, nn.Dropout(0.0))
         self.gamma = nn.Parameter(torch.rand(c) + 0.5)
         self.functional = functional
         self.scale = Scale(c)
@@ -128,10 +129,19 @@ class Scale(nn.Module):
         return x * self.scale.view(1, -1, 1, 1)
 
 
-@pytest.mark.parametrize("functional", [True, False], ids=["functional-mul", "scale-module"])
-def test_layer_scale_folded_into_a_conv_is_fused_with_the_node_named(tmp_path: Path, functional: bool) -> None:
+@pytest.mark.parametrize(
+    ("functional", "norm"), [(True, False), (False, False), (False, True)], ids=["mul", "scale", "bn-scale"]
+)
+def test_layer_scale_folded_into_a_conv_is_fused_with_the_node_named(
+    tmp_path: Path, functional: bool, norm: bool
+) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), LayerScaleBlock(functional=functional)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), LayerScaleBlock(functional=functional, norm=norm)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
     x = torch.randn(1, 3, 6, 6)
     raw = export(model, (x,), tmp_path / "ls.onnx", exporter="dynamo").path
     optimize(raw, tmp_path / "ls.opt.onnx")
@@ -142,8 +152,12 @@ def test_layer_scale_folded_into_a_conv_is_fused_with_the_node_named(tmp_path: P
     assert fc2.status == "fused" and fc2.fused_into == owner and "Conv" in fc2.reason, fc2.status_text
     convs = {n.name for n in onnx.load(str(tmp_path / "ls.opt.onnx")).graph.node if n.op_type == "Conv"}
     assert any(name in fc2.reason for name in convs)  # names the very node it was folded into
-    for name in ("1.mlp.3", "1.mlp"):  # the same value as fc2: fused with it
-        assert rows[name].status == "fused" and rows[name].alias_of == "1.mlp.2", (name, rows[name].status_text)
+    source = "1.mlp.3" if norm else "1.mlp.2"
+    if norm:  # the BN after fc2 went into the same Conv, along with its input
+        bn = rows["1.mlp.3"]
+        assert bn.status == "fused" and bn.fused_into == owner and "with its input 1.mlp.2" in bn.reason
+    for name in ("1.mlp.4", "1.mlp"):  # the same value as the last computing child: fused with it
+        assert rows[name].status == "fused" and rows[name].alias_of == source, (name, rows[name].status_text)
     after = rows["1.drop_path"]  # the same value as the (folded) scale: compared at the folded Conv
     assert after.status == "pass" and after.op_type == "Conv" and after.alias_of is not None
     assert after.alias_of == "1.scale" if not functional else "Tensor.mul" in after.alias_of
