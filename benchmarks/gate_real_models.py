@@ -12,7 +12,9 @@ Printed side by side:
 * false-alarm margin: worst error ÷ tolerance on the clean model, outputs under both output rules
   (element-wise ``atol + rtol·|ref|`` and magnitude-aware ``atol + rtol·max|ref|``) and layers;
 * detection margin: the faulty layer's error ÷ its tolerance, and the outputs' under both rules;
-* unmatched modules (share of executed module outputs) and the first few reasons.
+* matching: module outputs of the run, matched (of which aliases: the same value as another layer),
+  fused, unmatched (share of the run's module outputs, with the reasons) and, apart, modules the forward
+  never called.
 
 ``torchvision``'s CUDA build imports ``torchvision._meta_registrations``, which fails on CPU torch; it is
 stubbed before the import (it only registers meta kernels for torchvision's own ops).
@@ -50,8 +52,9 @@ NATIVE_SIZE = {"timm:efficientformer_l1": 224}
 def build(spec: str) -> torch.nn.Module:
     kind, name = spec.split(":", 1)
     torch.manual_seed(0)
+    # timm imports torchvision too: stub before either, or a timm-only --models list fails
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     if kind == "tv":
-        sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
         import torchvision
 
         return torchvision.models.get_model(name, weights=None).eval()
@@ -121,6 +124,10 @@ def run_one(spec: str, exporter: str, tmp: Path, size: int) -> dict[str, object]
         "passed": clean.passed,
         "reason": clean.reason,
         "unmatched": f"{counts['unmatched']}/{counts['layers']}",
+        "matching": (
+            f"{counts['layers']} layers: {counts['matched']} matched ({counts['aliased']} aliased), "
+            f"{counts['fused']} fused, {counts['unmatched']} unmatched; {counts['not_called']} not called"
+        ),
         "unmatched_share": counts["unmatched"] / max(counts["layers"], 1),
         "reasons": sorted({r.reason_kind for r in layers.layers if r.status == "unmatched"}),
         "functional": counts["functional"],
@@ -163,7 +170,8 @@ def main() -> None:
                     f"{'caught' if row['fault_detected'] else 'MISSED'} at {row['fault_layer']} "
                     f"x{row['fault_layer_margin']:.0f}, out elem {row['fault_out_elem']:.2f} "
                     f"mag {row['fault_out_mag']:.2f}"
-                    f" | unmatched {row['unmatched']} {row['reasons']} functional {row['functional']}"
+                    f" | unmatched {row['unmatched']} ({float(row['unmatched_share']):.1%}) {row['reasons']}"
+                    f" functional {row['functional']} | {row['matching']}"
                     f" ({row['seconds']:.0f} s)",
                     flush=True,
                 )

@@ -90,7 +90,7 @@ def layers_table(layers: LayerReport, title: str = "") -> Table:
         title=title
         or (
             f"per-layer on {layers.backend}: {c['matched']} matched ({c['passed']} pass, {c['failed']} fail), "
-            f"{c['fused']} fused, {c['unmatched']} not matched"
+            f"{c['fused']} fused, {c['unmatched']} not matched; {c['aliased']} aliases, {c['not_called']} not called"
         )
     )
     for col in ("#", "module", "type", "op", "shape", "max abs", "max rel", "atol_eff", "status"):
@@ -98,10 +98,11 @@ def layers_table(layers: LayerReport, title: str = "") -> Table:
     first = layers.first_divergence
     first_name = first.name if first is not None else None
     for i, layer in enumerate(layers.layers):
+        alias = f" (same value as {escape(layer.alias_of)})" if layer.alias_of else ""
         if layer.status == "pass":
-            status = verdict(True)
+            status = verdict(True) + alias
         elif layer.status == "fail":
-            status = verdict(False)
+            status = verdict(False) + alias
         elif layer.status == "fused":
             status = f"[magenta]{escape(layer.status_text)}[/]"
         else:

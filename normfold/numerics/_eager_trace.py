@@ -69,6 +69,20 @@ class EagerTrace:
         return [] if root is None else [o for o in root.outputs if o is not None]
 
 
+def call_names(calls: list[_Call]) -> dict[tuple[int, int], str]:
+    """The row name of every (call, output): the path (``<root>`` for the model), ``#k`` for the k-th call
+    of a module called more than once, ``[j]`` for one of several outputs."""
+    n_calls: dict[str, int] = {}
+    for c in calls:
+        n_calls[c.path] = n_calls.get(c.path, 0) + 1
+    names: dict[tuple[int, int], str] = {}
+    for c in calls:
+        base = (c.path or "<root>") + (f"#{c.call + 1}" if n_calls[c.path] > 1 else "")
+        for j in range(len(c.outputs)):
+            names[(c.order, j)] = base + (f"[{j}]" if len(c.outputs) > 1 else "")
+    return names
+
+
 def trace_eager(module: nn.Module, inputs: Sequence[torch.Tensor]) -> EagerTrace:
     """Run ``module`` once under ``torch.inference_mode`` on deep copies of ``inputs``, a hook on every module.
 

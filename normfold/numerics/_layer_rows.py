@@ -9,8 +9,9 @@ import dataclasses
 import numpy as np
 from torch import nn
 
-from normfold.numerics._eager_trace import EagerTrace, _Call
-from normfold.numerics._onnx_match import _Graph, _Match, _parent, _source_call
+from normfold.numerics._eager_trace import EagerTrace, _Call, call_names
+from normfold.numerics._onnx_graph import _Graph
+from normfold.numerics._onnx_match import _Match, _parent, _source_call
 from normfold.numerics.functional import FunctionalCall
 from normfold.numerics.layer_report import (
     _ROOT_LABEL,
@@ -23,15 +24,6 @@ from normfold.numerics.layer_report import (
 )
 from normfold.numerics.metrics import compare_tensors
 from normfold.numerics.tolerances import Tolerance
-
-
-def _display_name(c: _Call, j: int, n_calls: dict[str, int]) -> str:
-    name = c.path or _ROOT_LABEL
-    if n_calls.get(c.path, 1) > 1:
-        name += f"#{c.call + 1}"
-    if len(c.outputs) > 1:
-        name += f"[{j}]"
-    return name
 
 
 def _depth(path: str) -> int:
@@ -123,8 +115,7 @@ def _fill_metrics(
     layer.onnx_value = name
     layer.onnx_node = node.name if node is not None else f"input {name}"
     layer.op_type = node.op_type if node is not None else "graph input"
-    if m.alias_of:
-        layer.reason = f"identity in eager: compared at {m.alias_of!r}"
+    layer.alias_of = m.alias_of or None
     actual = produced.get(name)
     if actual is None:
         layer.status, layer.reason_kind = "unmatched", REASON_NO_COUNTERPART
@@ -193,7 +184,7 @@ def _credit_exporter_fusions(
 
 
 def _follow_credited(layers: list[LayerResult]) -> None:
-    """A parent left unmatched because its child was (see :func:`_agree_with_children`) takes the
+    """A parent left unmatched because its child was (see :func:`_follow_child`) takes the
     child's comparison when :func:`_credit_exporter_fusions` matched the child after all."""
     by_name = {layer.name: layer for layer in layers}
     for layer in layers:  # execution order: a child is settled before its parent
@@ -204,6 +195,7 @@ def _follow_credited(layers: list[LayerResult]) -> None:
             continue
         layer.status, layer.reason_kind = child.status, ""
         layer.reason = f"its output is {child.name}'s"
+        layer.alias_of = child.alias_of or child.name
         layer.onnx_value, layer.onnx_node, layer.op_type = child.onnx_value, child.onnx_node, child.op_type
         layer.metrics = dataclasses.replace(child.metrics, name=layer.name)
         layer.tolerance, layer.ref_max_abs = child.tolerance, child.ref_max_abs
@@ -220,10 +212,7 @@ def _call_rows(
     """One row per module call output and per matched functional call, in execution order."""
     calls, producer, input_ids = trace.calls, trace.producer, trace.input_ids
     fnames = {call.output_id: call.name for call in trace.functional}
-    n_calls: dict[str, int] = {}
-    for c in calls:
-        n_calls[c.path] = n_calls.get(c.path, 0) + 1
-    names = {(c.order, j): _display_name(c, j, n_calls) for c in calls for j in range(len(c.outputs))}
+    names = call_names(calls)
     functional = _functional_layers(trace, fvalues, produced, tol, g)
     for rows in functional.values():
         for row, call in rows:
@@ -255,6 +244,7 @@ def _call_rows(
                 shape=tuple(ref.shape) if ref is not None else (),
                 inputs_from=sources,
                 absorbed=list(absorbed.get(c.path, [])),
+                alias_of=m.alias_of or None,
             )
             if m.value is not None and ref is not None:
                 _fill_metrics(layer, m, ref, produced, tol, g, seen)
@@ -265,19 +255,28 @@ def _call_rows(
 
 
 def _never_called_rows(module: nn.Module, trace: EagerTrace) -> list[LayerResult]:
-    """Submodules the forward never called (their parent used their parameters directly)."""
-    return [
-        LayerResult(
-            name=path,
-            module=path,
-            module_type=type(module.get_submodule(path)).__name__,
-            call=0,
-            output_index=0,
-            order=len(trace.calls),
-            depth=_depth(path),
-            status="unmatched",
-            reason=f"{REASON_NOT_CALLED} in the eager forward (its parent uses its parameters directly)",
-            reason_kind=REASON_NOT_CALLED,
+    """Submodules no hook saw run in the eager forward: no layer of this run, listed apart (``not_called``).
+
+    Called-ness is the hooks' record, not a guess. A module with parameters may still have them read by
+    its owner (``F.linear(x, self.fc.weight)``): that computation is the owner's row, and the row says so.
+    """
+    rows = []
+    for path in trace.never_called:
+        sub = module.get_submodule(path)
+        owned = next(sub.parameters(), None) is not None
+        rows.append(
+            LayerResult(
+                name=path,
+                module=path,
+                module_type=type(sub).__name__,
+                call=0,
+                output_index=0,
+                order=len(trace.calls),
+                depth=_depth(path),
+                status="not_called",
+                reason=REASON_NOT_CALLED
+                + ("; its parameters may be read directly by the module that owns it" if owned else ""),
+                reason_kind=REASON_NOT_CALLED,
+            )
         )
-        for path in trace.never_called
-    ]
+    return rows

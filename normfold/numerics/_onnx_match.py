@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from normfold.exporter.provenance import is_ancestor, module_prefixes, resolve_node_path
-from normfold.numerics._eager_trace import EagerTrace, _Call
+from normfold.exporter.provenance import is_ancestor, module_prefixes
+from normfold.numerics._eager_trace import EagerTrace, _Call, call_names
+from normfold.numerics._onnx_graph import _Graph
 from normfold.numerics.functional import match_functional
 from normfold.numerics.layer_report import (
     _ROOT_LABEL,
@@ -30,110 +31,6 @@ def _parent(path: str) -> str | None:
     if path == "":
         return None
     return path.rsplit(".", 1)[0] if "." in path else ""
-
-
-def _dims(info: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
-    tensor = info.type.tensor_type
-    if not tensor.HasField("shape"):
-        return None
-    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
-
-
-class _Graph:
-    """Index of the top-level nodes of an ONNX graph: module paths, producers, consumers, known shapes.
-
-    Values are referred to by name. It reads the protobuf directly: building an onnx_ir model only to
-    read names and shapes costs more than the whole instrumented run on small models.
-    """
-
-    def __init__(self, graph: onnx.GraphProto, modules: frozenset[str] = frozenset()) -> None:
-        self.nodes: list[onnx.NodeProto] = list(graph.node)
-        self.paths = [resolve_node_path(n, modules) for n in self.nodes]
-        self.by_module: dict[str, list[int]] = {}
-        for i, p in enumerate(self.paths):
-            if p is None:
-                continue
-            for prefix in module_prefixes(p):
-                self.by_module.setdefault(prefix, []).append(i)
-        self._producer: dict[str, int] = {}
-        self._consumers: dict[str, list[int]] = {}
-        for i, node in enumerate(self.nodes):
-            for name in node.output:
-                if name:
-                    self._producer[name] = i
-            for name in dict.fromkeys(node.input):
-                if name:
-                    self._consumers.setdefault(name, []).append(i)
-        initializers = {t.name for t in graph.initializer}
-        self.graph_inputs = [v.name for v in graph.input if v.name not in initializers]
-        self.graph_outputs = [v.name for v in graph.output]
-        self._shapes: dict[str, tuple[int | None, ...] | None] = {}
-        self.infos: dict[str, onnx.ValueInfoProto] = {}
-        for info in (*graph.input, *graph.value_info, *graph.output):
-            self.infos.setdefault(info.name, info)
-
-    def producer(self, value: str) -> int | None:
-        return self._producer.get(value)
-
-    def producer_node(self, value: str) -> onnx.NodeProto | None:
-        i = self._producer.get(value)
-        return None if i is None else self.nodes[i]
-
-    def consumers(self, value: str) -> list[int]:
-        return self._consumers.get(value, [])
-
-    def shape(self, value: str) -> tuple[int | None, ...] | None:
-        if value not in self._shapes:
-            info = self.infos.get(value)
-            self._shapes[value] = None if info is None else _dims(info)
-        return self._shapes[value]
-
-    def elem_type(self, value: str) -> int:
-        info = self.infos.get(value)
-        return 0 if info is None else info.type.tensor_type.elem_type
-
-    def fits(self, value: str, shape: tuple[int, ...]) -> bool | None:
-        """True/False when the value's shape is known enough to say, None when it is unknown."""
-        static = self.shape(value)
-        if static is None:
-            return None
-        if len(static) != len(shape):
-            return False
-        return all(d is None or d == s for d, s in zip(static, shape, strict=True))
-
-    def groups(self, path: str) -> list[list[int]]:
-        """The nodes of ``path``'s subtree split into connected groups (one per call), in order."""
-        members = self.by_module.get(path, [])
-        if not members:
-            return []
-        parent = {i: i for i in members}
-
-        def find(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
-        for i in members:
-            for inp in self.nodes[i].input:
-                j = self._producer.get(inp) if inp else None
-                if j is not None and j in parent:
-                    parent[find(i)] = find(j)
-        comps: dict[int, list[int]] = {}
-        for i in members:
-            comps.setdefault(find(i), []).append(i)
-        return sorted((sorted(c) for c in comps.values()), key=lambda c: c[0])
-
-    def boundary(self, group: list[int]) -> list[str]:
-        """Values produced inside ``group`` that leave it (consumed outside or graph outputs), in order."""
-        inside = set(group)
-        outputs = set(self.graph_outputs)
-        found: list[str] = []
-        for i in group:
-            for v in self.nodes[i].output:
-                if v and (v in outputs or any(c not in inside for c in self.consumers(v))):
-                    found.append(v)
-        return found
 
 
 @dataclass
@@ -258,31 +155,41 @@ def _value_of_tensor(
 
 
 def _absorber(
-    g: _Graph, path: str, inputs: list[str], last_call: dict[str, int], order: int
+    g: _Graph, path: str, inputs: list[str], last_call: dict[str, int], order: int, shape: tuple[int, ...]
 ) -> tuple[str, onnx.NodeProto] | None:
     """The module (and node) that took over ``path``'s computation: a consumer of its inputs.
 
-    Preference: a later sibling (Conv → BN), then a descendant of a later sibling, then an ancestor.
-    ``last_call[p]`` is the order of ``p``'s last call; "later" means after call ``order``.
+    Preference, nearest first: a later sibling (Conv → BN), a descendant of one, then the same one level
+    up (timm's ``layer_scale`` after the ``Mlp`` whose ``fc2`` it absorbed), and so on; last an ancestor.
+    "Later" means its last call finishes after call ``order``. The absorbing node must give ``path``'s
+    eager shape where its shape is known: a consumer of another shape computes something else.
     """
-    parent = _parent(path)
+    ancestors = module_prefixes(path)[-2::-1]  # parent first, root last
     best: tuple[int, int, str, onnx.NodeProto] | None = None
     for value in inputs:
         for i in g.consumers(value):
             owner = g.paths[i]
             if owner is None or owner == path or owner.startswith(path + "."):
                 continue
-            sibling = _child_towards(parent, owner) if parent is not None else None
-            if sibling is not None and last_call.get(sibling, -1) > order:
-                rank = 0 if sibling == owner else 1
-            elif is_ancestor(owner, path):
-                rank = 2
-            else:
+            rank = _absorber_rank(owner, path, ancestors, last_call, order)
+            node = g.nodes[i]
+            if rank is None or (node.output and g.fits(node.output[0], shape) is False):
                 continue
-            key = (rank, i)
-            if best is None or key < best[:2]:
-                best = (rank, i, owner, g.nodes[i])
+            if best is None or (rank, i) < best[:2]:
+                best = (rank, i, owner, node)
     return None if best is None else (best[2], best[3])
+
+
+def _absorber_rank(owner: str, path: str, ancestors: list[str], last_call: dict[str, int], order: int) -> int | None:
+    """``2·level`` for a later-called child of the ``level``-th ancestor, +1 for a descendant of one; an
+    ancestor of ``path`` itself ranks last; None for anything else (an earlier module)."""
+    for level, anc in enumerate(ancestors):
+        child = _child_towards(anc, owner)
+        if child is None or child == path or is_ancestor(child, path):
+            continue
+        if last_call.get(child, -1) > order:
+            return 2 * level + (0 if child == owner else 1)
+    return 2 * len(ancestors) + 2 if is_ancestor(owner, path) else None
 
 
 def _child_towards(parent: str, path: str) -> str | None:
@@ -294,129 +201,249 @@ def _child_towards(parent: str, path: str) -> str | None:
     return f"{parent}.{head}" if parent else head
 
 
-def _resolve_nodeless(
-    g: _Graph,
-    calls: list[_Call],
-    producer: dict[int, tuple[int, int]],
-    input_ids: list[int],
-    matches: dict[tuple[int, int], _Match],
-    tracked: dict[int, str] | None = None,
-) -> None:
+@dataclass(frozen=True)
+class _Context:
+    """What the nodeless resolution reads: the eager trace, its row names, the graph, functional values."""
+
+    trace: EagerTrace
+    names: dict[tuple[int, int], str]
+    g: _Graph
+    tracked: dict[int, str]  # tensor id of a matched functional op's output -> its ONNX value
+    fnames: dict[int, tuple[str, np.ndarray]]  # tensor id of any functional output -> (row name, array)
+
+    def value_of(self, tensor_id: int, matches: dict[tuple[int, int], _Match], before: int) -> str | None:
+        t = self.trace
+        return _value_of_tensor(tensor_id, t.calls, t.producer, t.input_ids, self.g, matches, before, self.tracked)
+
+
+def _same_value(c: _Call, j: int, ctx: _Context, matches: dict[tuple[int, int], _Match]) -> _Match | None:
+    """The match of an identity in this run: output ``j`` of ``c`` is the very tensor it was given
+    (Identity, eval Dropout, DropPath(0)) or equal to its only input in shape, dtype and every bit (a no-op
+    Flatten). It is the same value as its source, so it shares the source's fate: compared at the source's
+    ONNX value, fused where the source was fused, unmatched for the source's reason. None when there is no
+    such source (then the module is resolved like any nodeless one)."""
+    t, out = ctx.trace, c.outputs[j]
+    if c.returns_input:
+        tensor_id, by_value = c.output_ids[j], False
+    elif len(c.input_ids) == 1 and sum(o is not None for o in c.outputs) == 1:
+        tensor_id, by_value = c.input_ids[0], True
+    else:
+        return None
+    if tensor_id in t.input_ids:
+        value = ctx.value_of(tensor_id, matches, c.order)
+        if by_value or value is None:
+            return None
+        return _Match(value=value, status="pass", alias_of=f"input {value}", reason="identity in eager")
+    src = _source_call(tensor_id, t.calls, t.producer, c.order)
+    if src is not None:
+        source, label = t.calls[src[0]].outputs[src[1]], ctx.names[src]
+    elif tensor_id in ctx.fnames:
+        label, source = ctx.fnames[tensor_id]
+    else:
+        return None
+    if by_value and (out is None or source is None or not _identical(out, source)):
+        return None
+    m = matches.get(src) if src is not None else _Match(value=ctx.tracked.get(tensor_id), status="pass")
+    if m is None:
+        return None
+    if m.value is None and src is None:
+        return _Match(
+            reason=f"{REASON_NO_COUNTERPART}: identity in eager on the output of {label}, a functional op "
+            "with no matched ONNX value (the export records no source line to match it by)",
+            reason_kind=REASON_NO_COUNTERPART,
+        )
+    label = m.alias_of or label
+    if m.value is not None:
+        return _Match(value=m.value, status="pass", alias_of=label, reason=f"identity in eager: same value as {label}")
+    if m.status == "fused":
+        return dataclasses.replace(m, alias_of=label)
+    return _Match(
+        reason=f"its output is {label}'s, which is not matched ({m.reason_kind or m.reason})",
+        reason_kind=m.reason_kind or REASON_NO_COUNTERPART,
+    )
+
+
+def _identical(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
+
+
+def _resolve_nodeless(ctx: _Context, matches: dict[tuple[int, int], _Match]) -> None:
     """Give a match or a reason to every (call, output) of a module that owns no ONNX node.
 
-    ``tracked`` maps tensor ids of matched functional-op outputs to their ONNX values, so a Dropout or
-    Identity fed by ``F.gelu(x)`` is compared at the Gelu's value instead of "untracked ops"."""
+    An identity in this run shares its source's match (:func:`_same_value`); a BatchNorm the exporter
+    folded into its Conv is compared at the Conv (:func:`_folded_into_producer`); otherwise the module
+    was absorbed by a node that consumes its inputs (:func:`_absorber`) or has no counterpart. Every
+    call, with nodes or not, then follows the child that produced its output (:func:`_follow_child`). ``ctx.tracked``
+    lets a Dropout fed by ``F.gelu(x)`` be compared at the Gelu's value instead of "untracked ops"."""
+    calls = ctx.trace.calls
     last_call = {c.path: c.order for c in calls}
-    for c in calls:
+    for c in calls:  # finishing order: a call's sources (children, earlier calls) are settled before it
+        if c.path == "":
+            continue  # the root is handled by the root match
         for j, out in enumerate(c.outputs):
             key = (c.order, j)
-            if key in matches:
-                continue
-            if out is None:
+            if out is None and key not in matches:
                 matches[key] = _Match(
                     reason=f"{REASON_NON_TENSOR} (returns no tensor here)", reason_kind=REASON_NON_TENSOR
                 )
-                continue
-            if c.path == "":
-                continue  # handled by the root match
-            if c.returns_input:
-                value = _value_of_tensor(c.output_ids[j], calls, producer, input_ids, g, matches, c.order, tracked)
-                if value is not None:
-                    matches[key] = _Match(value=value, status="pass", alias_of=value)
-                    continue
-            inputs = [
-                v
-                for v in (
-                    _value_of_tensor(t, calls, producer, input_ids, g, matches, c.order, tracked) for t in c.input_ids
-                )
-                if v is not None
-            ]
-            found = _absorber(g, c.path, inputs, last_call, c.order) if inputs else None
-            if found is None:
-                feeder = next(
-                    (src for src in (_source_call(t, calls, producer, c.order) for t in c.input_ids) if src), None
-                )
-                untracked = (
-                    f"its input comes from {calls[feeder[0]].path or _ROOT_LABEL}, which has no ONNX value of its own"
-                    if feeder is not None
-                    else "its inputs come from untracked ops"
-                )
-                why = (
-                    "its nodes are not in the graph and no later sibling or parent consumes its inputs"
-                    if inputs
-                    else f"its nodes are not in the graph and {untracked}"
-                )
-                matches[key] = _Match(reason=f"{REASON_NO_COUNTERPART}: {why}", reason_kind=REASON_NO_COUNTERPART)
-                continue
-            owner, node = found
-            if is_ancestor(owner, c.path):
-                matches[key] = _Match(
-                    reason=f"{REASON_INLINED}: {node.op_type} {node.name!r} of {owner or _ROOT_LABEL}",
-                    reason_kind=REASON_INLINED,
-                    fused_into=owner,
-                )
-            else:
-                matches[key] = _Match(status="fused", fused_into=owner, reason=f"{node.op_type} {node.name!r}")
+            elif out is not None and key not in matches:
+                same = _same_value(c, j, ctx, matches) or _folded_into_producer(c, ctx, matches)
+                matches[key] = same if same is not None else _absorbed(c, tuple(out.shape), ctx, matches, last_call)
+            _follow_child(c, j, ctx, matches)
 
 
-def _agree_with_children(
-    calls: list[_Call], producer: dict[int, tuple[int, int]], matches: dict[tuple[int, int], _Match]
-) -> None:
+#: Modules the TorchScript exporter folds into the Conv that feeds them (its eval-mode Conv+BN peephole).
+_FOLDABLE = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d"})
+
+
+def _folded_into_producer(c: _Call, ctx: _Context, matches: dict[tuple[int, int], _Match]) -> _Match | None:
+    """A module folded into the node of the module that fed it: the TorchScript exporter folds an eval
+    BatchNorm into its Conv, and the Conv node keeps the *conv's* name.
+
+    Structure, not numbers, decides (a default-initialised BN is within tolerance of the identity, so
+    the conv compared at the folded value would pass: a wrong comparison). The module is a BatchNorm that
+    owns no node; its only input is the whole output of one matched call ``p``, produced by a Conv of
+    ``p``; no other eager call took that tensor, yet nodes outside ``p`` read that value. Then the value
+    is what the graph uses as *this* module's output: the module is compared there (a BN the graph really
+    dropped fails there, named), and ``p``, whose own output is nowhere in the graph, is "fused into" it.
+    Returns this module's match; ``p``'s is rewritten.
+    """
+    t, g = ctx.trace, ctx.g
+    if c.module_type not in _FOLDABLE or len(c.input_ids) != 1 or sum(o is not None for o in c.outputs) != 1:
+        return None
+    src = _source_call(c.input_ids[0], t.calls, t.producer, c.order)
+    fed = matches.get(src) if src is not None else None
+    if src is None or fed is None or fed.value is None or fed.alias_of:
+        return None
+    others = (o for o in t.calls if o is not c and not is_ancestor(o.path, c.path))  # containers pass it down
+    if any(c.input_ids[0] in other.input_ids for other in others) or any(
+        c.input_ids[0] in f.input_ids for f in t.functional
+    ):
+        return None
+    feeder = t.calls[src[0]].path
+    node = g.producer_node(fed.value)
+    inside = {i for i in g.by_module.get(feeder, [])}
+    readers = [i for i in g.consumers(fed.value) if i not in inside]
+    if node is None or node.op_type != "Conv" or not readers or g.producer(fed.value) not in inside:
+        return None
+    matches[src] = _Match(
+        status="fused",
+        fused_into=c.path,
+        reason=f"{node.op_type} {node.name!r} computes {c.path} (the exporter folded them)",
+    )
+    return _Match(
+        value=fed.value,
+        status="pass",
+        reason=f"computed by {node.op_type} {node.name!r}, whose provenance names {feeder} (the exporter folded them)",
+    )
+
+
+def _absorbed(
+    c: _Call,
+    shape: tuple[int, ...],
+    ctx: _Context,
+    matches: dict[tuple[int, int], _Match],
+    last_call: dict[str, int],
+) -> _Match:
+    """A nodeless module that is no identity: fused into the node that consumes its inputs, or none."""
+    t = ctx.trace
+    inputs = [v for v in (ctx.value_of(i, matches, c.order) for i in c.input_ids) if v is not None]
+    found = _absorber(ctx.g, c.path, inputs, last_call, c.order, shape) if inputs else None
+    if found is None:
+        feeder = next((s for s in (_source_call(i, t.calls, t.producer, c.order) for i in c.input_ids) if s), None)
+        along = _fused_along(c, feeder, ctx, matches, last_call) if not inputs else None
+        if along is not None:
+            return along
+        untracked = (
+            f"its input comes from {t.calls[feeder[0]].path or _ROOT_LABEL}, which has no ONNX value of its own"
+            if feeder is not None
+            else "its inputs come from untracked ops"
+        )
+        why = (
+            "its nodes are not in the graph and no later module consumes its inputs"
+            if inputs
+            else f"its nodes are not in the graph and {untracked}"
+        )
+        return _Match(reason=f"{REASON_NO_COUNTERPART}: {why}", reason_kind=REASON_NO_COUNTERPART)
+    owner, node = found
+    if is_ancestor(owner, c.path):
+        return _Match(
+            status="fused",
+            reason=f"{REASON_INLINED}: {node.op_type} {node.name!r} of {owner or _ROOT_LABEL}",
+            reason_kind=REASON_INLINED,
+            fused_into=owner,
+        )
+    return _Match(status="fused", fused_into=owner, reason=f"{node.op_type} {node.name!r}")
+
+
+def _fused_along(
+    c: _Call,
+    feeder: tuple[int, int] | None,
+    ctx: _Context,
+    matches: dict[tuple[int, int], _Match],
+    last_call: dict[str, int],
+) -> _Match | None:
+    """A nodeless module fed only by a call that was fused into a later module ``X``: it went into ``X``'s
+    node along with its input (efficientformer's ``fc2 → norm2`` folded with the layer scale after them).
+    Nothing of it is left in the graph between its input and ``X``, so ``X``'s node computes it too."""
+    if feeder is None or len(c.input_ids) != 1:
+        return None
+    fed = matches.get(feeder)
+    if fed is None or fed.status != "fused" or fed.fused_into is None:
+        return None
+    into = fed.fused_into
+    if not (last_call.get(into, -1) > c.order or is_ancestor(into, c.path)):
+        return None
+    return dataclasses.replace(fed, alias_of="", reason=f"{fed.reason}, with its input {ctx.names[feeder]}")
+
+
+def _follow_child(c: _Call, j: int, ctx: _Context, matches: dict[tuple[int, int], _Match]) -> None:
     """Provenance checked from the eager side: a module that returns a tensor one of its descendants
     returned must be compared at that descendant's value, or not at all.
 
     The graph side alone picks "the last node under the module's path", which is a wrong value when
     the exporter lost or misplaced the provenance of the nodes that really end the module (a
     TorchScript mobilenet_v3 block compared its squeeze-excitation Mul, error 7.4, as its output). The
-    eager trace knows which call produced each tensor, so the parent follows its child: the same value
-    when the child is matched, "not matched" with the child's reason when it is not. A child inlined
-    into a fused op of this very parent leaves the parent's own match alone (that op computes both).
+    eager trace knows which call produced each tensor, so the parent follows its child and is its alias:
+    the same value when the child is matched, fused where the child was fused, "not matched" with the
+    child's reason otherwise. A child fused into an op of this very parent (or of one of its
+    descendants) leaves the parent's own match alone (that op computes both).
     """
-    for c in calls:
-        if c.path == "":
-            continue
-        for j, tensor_id in enumerate(c.output_ids):
-            key = (c.order, j)
-            if tensor_id == 0 or key not in matches or c.returns_input:
-                continue
-            src = _source_call(tensor_id, calls, producer, c.order)
-            if src is None or not is_ancestor(c.path, calls[src[0]].path):
-                continue
-            mine_ref, child_ref = c.outputs[j], calls[src[0]].outputs[src[1]]
-            if mine_ref is None or child_ref is None or not np.array_equal(mine_ref, child_ref, equal_nan=True):
-                continue  # the same tensor object, changed in place afterwards (``out += identity``)
-            child, mine = matches.get(src), matches[key]
-            if child is None:
-                continue
-            if child.value is not None:
-                if mine.value != child.value:
-                    matches[key] = dataclasses.replace(child, alias_of="")
-                continue
-            if (
-                child.reason_kind == REASON_INLINED
-                and child.fused_into is not None
-                and (child.fused_into == c.path or is_ancestor(child.fused_into, c.path))
-            ):
-                continue
-            if child.status == "fused":
-                continue
-            name = calls[src[0]].path
-            matches[key] = _Match(
-                reason=f"its output is {name}'s, which is not matched ({child.reason_kind or child.reason})",
-                reason_kind=child.reason_kind or REASON_NO_COUNTERPART,
-            )
+    calls, key, tensor_id = ctx.trace.calls, (c.order, j), c.output_ids[j]
+    if tensor_id == 0 or key not in matches or c.returns_input:
+        return
+    src = _source_call(tensor_id, calls, ctx.trace.producer, c.order)
+    if src is None or not is_ancestor(c.path, calls[src[0]].path):
+        return
+    mine_ref, child_ref = c.outputs[j], calls[src[0]].outputs[src[1]]
+    if mine_ref is None or child_ref is None or not np.array_equal(mine_ref, child_ref, equal_nan=True):
+        return  # the same tensor object, changed in place afterwards (``out += identity``)
+    child = matches.get(src)
+    if child is None:
+        return
+    label = child.alias_of or ctx.names[src]
+    if child.value is not None:
+        matches[key] = _Match(value=child.value, status="pass", alias_of=label, reason=f"its output is {label}'s")
+    elif child.status == "fused":
+        if child.fused_into is None or not (child.fused_into == c.path or is_ancestor(c.path, child.fused_into)):
+            matches[key] = dataclasses.replace(child, alias_of=label)
+    else:
+        matches[key] = _Match(
+            reason=f"its output is {ctx.names[src]}'s, which is not matched ({child.reason_kind or child.reason})",
+            reason_kind=child.reason_kind or REASON_NO_COUNTERPART,
+        )
 
 
 def _match_all(g: _Graph, trace: EagerTrace) -> tuple[dict[tuple[int, int], _Match], dict[int, str]]:
     """Every module call's value (by provenance, then nodeless resolution, then the root against the
     graph outputs) and every functional call's value (by functional call index)."""
-    calls, producer, input_ids = trace.calls, trace.producer, trace.input_ids
-    matches = _match_calls(g, calls)
+    matches = _match_calls(g, trace.calls)
     fvalues = match_functional(trace.functional, g.nodes, g.paths, g.fits)
     tracked = {trace.functional[k].output_id: value for k, value in fvalues.items()}
-    _resolve_nodeless(g, calls, producer, input_ids, matches, tracked)
-    _agree_with_children(calls, producer, matches)
-    _match_root(g, calls, matches)
+    fnames = {f.output_id: (f.name, f.output) for f in trace.functional}
+    names = call_names(trace.calls)
+    _resolve_nodeless(_Context(trace, names, g, tracked, fnames), matches)
+    _match_root(g, trace.calls, matches)
     return matches, fvalues
 
 

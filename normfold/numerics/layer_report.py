@@ -14,14 +14,16 @@ import numpy as np
 from normfold.numerics.metrics import TensorMetrics
 from normfold.numerics.tolerances import Tolerance
 
-LayerStatus = Literal["pass", "fail", "fused", "unmatched"]
+#: ``not_called``: a submodule the eager forward never called (no hook fired). It is no layer of this run,
+#: so it is listed apart and left out of the layer count (and of the unmatched share).
+LayerStatus = Literal["pass", "fail", "fused", "unmatched", "not_called"]
 
 #: Reasons an executed layer has no compared value (JSON ``reason_kind``).
 REASON_NO_COUNTERPART = "no ONNX counterpart"
 REASON_INLINED = "inlined into a fused op"
 REASON_NON_TENSOR = "non-tensor output"
 REASON_SHAPE = "shape mismatch"
-REASON_NOT_CALLED = "never called"
+REASON_NOT_CALLED = "not called in forward"
 REASON_CALLS = "calls not separable"
 
 _ROOT_LABEL = "<root>"
@@ -73,6 +75,10 @@ class LayerResult:
     inputs_from: list[str] = field(default_factory=list)
     absorbed: list[str] = field(default_factory=list)
     kind: Literal["module", "functional"] = "module"
+    #: The layer (or input, or functional op) whose value this one is: the same eager tensor (an Identity,
+    #: an eval Dropout, a block returning its last child's output). Compared like any layer, but never
+    #: reported as the first divergence in its own right: its source comes first and is named instead.
+    alias_of: str | None = None
 
     @property
     def matched(self) -> bool:
@@ -89,12 +95,15 @@ class LayerResult:
     @property
     def status_text(self) -> str:
         """``pass``, ``FAIL``, ``fused into X`` or ``not matched: reason``, as the report prints it."""
+        alias = f" (same value as {self.alias_of})" if self.alias_of else ""
         if self.status == "pass":
-            return "pass"
+            return "pass" + alias
         if self.status == "fail":
-            return "FAIL"
+            return "FAIL" + alias
         if self.status == "fused":
-            return f"fused into {self.fused_into or _ROOT_LABEL}"
+            return f"fused into {self.fused_into or _ROOT_LABEL}" + alias
+        if self.status == "not_called":
+            return "not called in forward"
         return f"not matched: {self.reason}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +131,7 @@ class LayerResult:
             "inputs_from": list(self.inputs_from),
             "absorbed": list(self.absorbed),
             "kind": self.kind,
+            "alias_of": self.alias_of,
         }
 
 
@@ -176,10 +186,10 @@ class LayerReport:
 
     @property
     def first_divergence(self) -> FirstDivergence | None:
-        for layer in self.layers:
-            if layer.status == "fail":
-                return _first_divergence(layer, self.layers)
-        return None
+        """The first failing layer that is not an alias (an alias repeats its source, which failed first)."""
+        failing = [layer for layer in self.layers if layer.status == "fail"]
+        first = next((layer for layer in failing if not layer.alias_of), failing[0] if failing else None)
+        return None if first is None else _first_divergence(first, self.layers)
 
     @property
     def passed(self) -> bool:
@@ -187,12 +197,19 @@ class LayerReport:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Module rows by status (the matching quality), and the functional rows beside them."""
-        statuses = [layer.status for layer in self.layers if layer.kind == "module"]
+        """Module rows by status (the matching quality), and the functional rows beside them.
+
+        ``layers`` counts the module outputs of this run: modules never called are ``not_called`` apart.
+        ``aliased`` counts the matched rows whose value is another layer's (already in ``matched``).
+        """
+        modules = [layer for layer in self.layers if layer.kind == "module" and layer.status != "not_called"]
+        statuses = [layer.status for layer in modules]
         functional = [layer.status for layer in self.layers if layer.kind == "functional"]
         return {
             "layers": len(statuses),
             "matched": sum(s in ("pass", "fail") for s in statuses),
+            "aliased": sum(layer.matched and bool(layer.alias_of) for layer in modules),
+            "not_called": sum(layer.status == "not_called" for layer in self.layers),
             "passed": statuses.count("pass"),
             "failed": statuses.count("fail"),
             "fused": statuses.count("fused"),

@@ -17,7 +17,10 @@ ONNX side
     absorbed a BatchNorm points at the BN module, so the conv module owns no node: when a node of a
     later sibling consumes the conv's input, the conv is *fused into* that sibling (which is still
     compared, so the fused computation is checked); when it belongs to an ancestor the module is
-    *inlined into a fused op*. Every other module without a value is listed with the reason.
+    *inlined into a fused op* (also a fusion, not a gap). A module that is the identity in this run, or
+    returns its last child's tensor, is an *alias*: it shares its source's match (see
+    :mod:`normfold.numerics._onnx_match`). Modules never called are ``not_called``, outside the count.
+    Every other module without a value is listed with the reason.
 
     The matched values become extra graph outputs of a **copy** of the model and the backend runs
     **once** for all layers. Only module-boundary values are exposed, so the fusions normfold put in the
@@ -41,8 +44,8 @@ Tolerance along depth
 Exporter quirks
     Paths from the TorchScript exporter (``relu_1`` for a second call, child scopes relative to an
     ancestor) are mapped onto the model's real module paths, and a Conv+BN it folded, which keeps the
-    *conv's* name, is credited to the BN when its value matches the BN's output (see
-    :func:`_credit_exporter_fusions`).
+    *conv's* name, is credited to the BN by structure (``_folded_into_producer``), or, failing that, when
+    its value matches the BN's output (see :func:`_credit_exporter_fusions`).
 
 First divergence
     The first layer in execution order that fails. Hooks fire when a call finishes, so children come
@@ -73,11 +76,8 @@ from normfold.numerics._layer_rows import (
     _follow_credited,
     _never_called_rows,
 )
-from normfold.numerics._onnx_match import (
-    _Graph,
-    _Match,
-    _match_all,
-)
+from normfold.numerics._onnx_graph import _Graph
+from normfold.numerics._onnx_match import _Match, _match_all
 from normfold.numerics.layer_report import (
     FirstDivergence,
     LayerReport,

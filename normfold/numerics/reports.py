@@ -130,7 +130,8 @@ def compare_report_markdown(report: CompareReport) -> str:
         lines += [
             "",
             f"### Per-layer on {name}: {c['matched']} matched ({c['passed']} pass, {c['failed']} fail), "
-            f"{c['fused']} fused, {c['unmatched']} not matched",
+            f"{c['fused']} fused, {c['unmatched']} not matched; {c['aliased']} of the matched are aliases, "
+            f"{c['not_called']} modules not called",
             "",
             f"Layer tolerance: {lr.tolerance_rule} (base {lr.tolerance.describe()}).",
             "",
@@ -303,7 +304,8 @@ def compare_report_html(report: CompareReport) -> str:
         fd = lr.first_divergence
         parts.append(
             f"<h2>Per-layer on {_e(name)}</h2><p>{c['layers']} layers: {c['matched']} matched "
-            f"({c['passed']} pass, {c['failed']} fail), {c['fused']} fused, {c['unmatched']} not matched; "
+            f"({c['passed']} pass, {c['failed']} fail, {c['aliased']} aliases), {c['fused']} fused, "
+            f"{c['unmatched']} not matched, {c['not_called']} not called; "
             f"{lr.extra_outputs} values exposed as extra outputs, one run. Layer tolerance: "
             f"{_e(lr.tolerance_rule)} (base {_e(lr.tolerance.describe())}).</p>"
         )

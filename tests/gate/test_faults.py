@@ -130,8 +130,10 @@ def test_clean_models_pass_with_zero_false_failures(fault_report, name: str) -> 
 FIRST_DIVERGENT_MODULE = {
     "wrong_eps": "norm",
     "unbiased_ln": "norm",
-    "channel_swap": "0",  # conv1d_bn's first Conv (BN folded into it by the exporter)
-    "dropped_bias": "0",
+    # conv1d_bn's BN "1": the TorchScript exporter folded it into Conv '/0/Conv', whose value is the BN's
+    # output (compared there; the conv "0" is "fused into 1", and the explanation names both).
+    "channel_swap": "1",
+    "dropped_bias": "1",
     "frozen_branch": "fc",
 }
 
@@ -145,6 +147,9 @@ def test_failures_name_the_first_divergent_layer(fault_report, name: str) -> Non
     assert case.first_divergence is not None
     assert case.first_divergence is not None and case.first_divergence.module == FIRST_DIVERGENT_MODULE[name]
     assert case.reason.startswith(f"first divergent layer: {FIRST_DIVERGENT_MODULE[name]} (")
+    if name in ("channel_swap", "dropped_bias"):
+        assert "ONNX node /0/Conv" in case.reason, case.reason
+        assert "also computes 0 (fused into it)" in case.first_divergence["explanation"]
 
 
 def test_fault_report_verdict_and_json(fault_report) -> None:

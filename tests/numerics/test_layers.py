@@ -169,7 +169,7 @@ def test_no_fault_no_failing_layer(zoo_onnx: Callable[[str], tuple[LoadedModel, 
     assert counts["matched"] >= 5
     assert layers.extra_outputs > 0
     for layer in layers.layers:
-        assert layer.status in ("pass", "fused", "unmatched")
+        assert layer.status in ("pass", "fused", "unmatched", "not_called")
         if layer.status == "unmatched":
             assert layer.reason and layer.reason_kind, layer.name
         if layer.status == "pass":
@@ -262,7 +262,9 @@ def test_shared_module_identity_tuple_and_unused(probe_onnx: tuple[nn.Module, Pa
     assert by_name["drop"].onnx_value == by_name["act#1"].onnx_value
     assert by_name["pair[0]"].status == by_name["pair[1]"].status == "pass"
     assert by_name["pair[0]"].onnx_value != by_name["pair[1]"].onnx_value
-    assert by_name["unused"].status == "unmatched" and by_name["unused"].reason_kind == "never called"
+    assert by_name["drop"].alias_of == "act#1"
+    assert by_name["unused"].status == "not_called" and by_name["unused"].reason_kind == "not called in forward"
+    assert layers.counts["not_called"] == 1  # listed apart, not in the layer count
     assert layers.first_divergence is None
 
 
@@ -303,10 +305,10 @@ def test_module_folded_into_its_parent_is_inlined(probe_onnx: tuple[nn.Module, P
     layers = compare(module, restamped, (torch.randn(2, 4),), per_layer=True).backends["ort-cpu"].layers
     by_name = {layer.name: layer for layer in layers.layers}
     child = by_name["pair.a"]
-    assert child.status == "unmatched" and child.reason_kind == "inlined into a fused op"
+    assert child.status == "fused" and child.reason_kind == "inlined into a fused op"
     assert child.fused_into == "pair" and gemm.name in child.reason
     assert by_name["pair[0]"].status == "pass"  # the parent still carries the value, and it is compared
-    assert layers.counts["unmatched"] == 2  # pair.a and the never-called `unused`
+    assert layers.counts["unmatched"] == 0 and layers.counts["not_called"] == 1  # the never-called `unused`
 
 
 def test_torchscript_export_fusions_are_credited_to_the_bn(tmp_path: Path) -> None:
