@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from normfold.numerics.functional import FunctionalCall, record_functional
+from normfold.runtime.eager import flatten_leaves, flatten_outputs
 
 
 @dataclass
@@ -29,21 +30,6 @@ class _Call:
     output_ids: list[int]
     input_ids: list[int]
     returns_input: bool
-
-
-def _flatten(obj: Any) -> list[Any]:
-    """Flatten like :func:`normfold.runtime.eager.flatten_outputs`, keeping non-tensor leaves as None."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _flatten(item)]
-    if isinstance(obj, dict):
-        return [t for key in obj for t in _flatten(obj[key])]
-    return [None]
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    return [t for t in _flatten(obj) if isinstance(t, torch.Tensor)]
 
 
 @dataclass
@@ -100,8 +86,8 @@ def trace_eager(module: nn.Module, inputs: Sequence[torch.Tensor]) -> EagerTrace
         path = paths.get(id(mod))
         if path is None:  # a module of another model (the hook is global while it is installed)
             return
-        flat = _flatten(output)
-        arg_tensors = _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args)
+        flat = flatten_leaves(output)
+        arg_tensors = flatten_outputs(args) + flatten_outputs(kwargs) if kwargs else flatten_outputs(args)
         index = len(calls)
         outputs: list[np.ndarray | None] = []
         output_ids: list[int] = []

@@ -19,15 +19,21 @@ from normfold.errors import UsageError
 from normfold.runtime.base import Backend, Runner, SessionOptions, TensorMeta
 
 
-def flatten_outputs(obj: Any) -> list[torch.Tensor]:
-    """Flatten a module's output (tensor, tuple/list, dict, nested) in the order torch.onnx uses."""
+def flatten_leaves(obj: Any) -> list[torch.Tensor | None]:
+    """Flatten a module's output (tensor, tuple/list, dict, nested) in the order torch.onnx uses; a
+    non-tensor leaf is ``None``, so positions still line up with the output structure."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in flatten_outputs(item)]
+        return [t for item in obj for t in flatten_leaves(item)]
     if isinstance(obj, dict):
-        return [t for key in obj for t in flatten_outputs(obj[key])]
-    return []
+        return [t for key in obj for t in flatten_leaves(obj[key])]
+    return [None]
+
+
+def flatten_outputs(obj: Any) -> list[torch.Tensor]:
+    """The tensors of a module's output in the order torch.onnx uses (the graph outputs' order)."""
+    return [t for t in flatten_leaves(obj) if t is not None]
 
 
 def run_eager(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
