@@ -149,7 +149,7 @@ def test_failures_name_the_first_divergent_layer(fault_report, name: str) -> Non
     assert case.reason.startswith(f"first divergent layer: {FIRST_DIVERGENT_MODULE[name]} (")
     if name in ("channel_swap", "dropped_bias"):
         assert "ONNX node /0/Conv" in case.reason, case.reason
-        assert "also computes 0 (fused into it)" in case.first_divergence["explanation"]
+        assert "also computes 0 (fused into it)" in case.first_divergence.explanation
 
 
 def test_fault_report_verdict_and_json(fault_report) -> None:

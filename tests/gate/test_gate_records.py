@@ -7,6 +7,7 @@ import json
 import pickle
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -125,4 +126,19 @@ def test_a_report_case_written_by_main_reads_back_typed_and_unchanged() -> None:
     assert case.latency is not None and case.latency.confirm is not None and case.latency.verdict == "noise"
     assert case.optimize is not None and case.optimize.target == "ort-cpu"
     assert case.baseline is not None and case.baseline.entry.p50_ms is not None
-    assert case.to_dict() == data
+    assert _keeps(data, case.to_dict())  # every field main wrote survives; newer fields are only added
+
+
+def _keeps(old: Any, new: Any) -> bool:
+    """``new`` holds everything ``old`` holds: equal leaves, same-length lists, dict keys a superset."""
+    if isinstance(old, dict):
+        return isinstance(new, dict) and all(k in new and _keeps(v, new[k]) for k, v in old.items())
+    if isinstance(old, list):
+        return isinstance(new, list) and len(old) == len(new) and all(map(_keeps, old, new))
+    return bool(old == new)
+
+
+def test_keeps_spots_a_lost_or_changed_field() -> None:
+    old = {"a": 1, "b": [{"c": 2}]}
+    assert _keeps(old, {"a": 1, "b": [{"c": 2, "d": 3}], "e": 4})
+    assert not _keeps(old, {"a": 1, "b": [{"c": 3}]}) and not _keeps(old, {"b": [{"c": 2}]})
