@@ -209,7 +209,21 @@ class _Context:
     names: dict[tuple[int, int], str]
     g: _Graph
     tracked: dict[int, str]  # tensor id of a matched functional op's output -> its ONNX value
-    fnames: dict[int, tuple[str, np.ndarray]]  # tensor id of any functional output -> (row name, array)
+    fvalues: dict[int, str]  # functional call index -> its matched ONNX value
+
+    def functional_before(self, tensor_id: int, before: int) -> int | None:
+        """The last functional call that returned this tensor before module call ``before`` finished.
+
+        Ids alone are not enough: an in-place op (``x += y``, ``Tensor.add_``) returns the tensor it was
+        given, so a later functional call can carry the id of a module's output whose value it then changed.
+        """
+        found = None
+        for k, f in enumerate(self.trace.functional):
+            if f.after_call > before:
+                break
+            if f.output_id == tensor_id:
+                found = k
+        return found
 
     def value_of(self, tensor_id: int, matches: dict[tuple[int, int], _Match], before: int) -> str | None:
         t = self.trace
@@ -235,15 +249,21 @@ def _same_value(c: _Call, j: int, ctx: _Context, matches: dict[tuple[int, int], 
             return None
         return _Match(value=value, status="pass", alias_of=f"input {value}", reason="identity in eager")
     src = _source_call(tensor_id, t.calls, t.producer, c.order)
-    if src is not None:
+    k = ctx.functional_before(tensor_id, c.order)
+    source: np.ndarray | None
+    if k is not None and (src is None or t.functional[k].after_call > src[0]):
+        src = None  # a functional op wrote this tensor last (after any module that returned it)
+        label, source = t.functional[k].name, t.functional[k].output
+    elif src is not None:
         source, label = t.calls[src[0]].outputs[src[1]], ctx.names[src]
-    elif tensor_id in ctx.fnames:
-        label, source = ctx.fnames[tensor_id]
     else:
         return None
-    if by_value and (out is None or source is None or not _identical(out, source)):
-        return None
-    m = matches.get(src) if src is not None else _Match(value=ctx.tracked.get(tensor_id), status="pass")
+    if out is None or source is None or not _identical(out, source):
+        return None  # not the same value after all: an in-place op changed it after this call returned it
+    if src is not None:
+        m = matches.get(src)
+    else:
+        m = _Match(value=ctx.fvalues.get(k) if k is not None else None, status="pass")
     if m is None:
         return None
     if m.value is None and src is None:
@@ -440,9 +460,8 @@ def _match_all(g: _Graph, trace: EagerTrace) -> tuple[dict[tuple[int, int], _Mat
     matches = _match_calls(g, trace.calls)
     fvalues = match_functional(trace.functional, g.nodes, g.paths, g.fits)
     tracked = {trace.functional[k].output_id: value for k, value in fvalues.items()}
-    fnames = {f.output_id: (f.name, f.output) for f in trace.functional}
     names = call_names(trace.calls)
-    _resolve_nodeless(_Context(trace, names, g, tracked, fnames), matches)
+    _resolve_nodeless(_Context(trace, names, g, tracked, fvalues), matches)
     _match_root(g, trace.calls, matches)
     return matches, fvalues
 

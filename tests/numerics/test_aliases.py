@@ -180,3 +180,33 @@ def test_torchscript_conv_bn_fold_is_matched_by_structure(tmp_path: Path) -> Non
     assert rows["0.0"].status == "fused" and rows["0.0"].fused_into == "0.1"
     assert rows["0"].alias_of == "0.1" and rows["0"].onnx_value == rows["0.1"].onnx_value
     assert layers.counts["unmatched"] == 0 and layers.passed
+
+
+class InPlaceResidual(nn.Module):
+    """torchvision's CNBlock: ``r = gamma * block(x); r = stochastic_depth(r); r += x`` — the identity
+    returns a tensor that an in-place add changes after it returned, so tensor ids alone would make the
+    identity an alias of the sum."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.block = nn.Conv2d(c, c, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((c, 1, 1), 0.5))
+        self.stochastic_depth = DropPath(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.gamma * self.block(x)
+        result = self.stochastic_depth(result)
+        result += x
+        return result
+
+
+def test_identity_before_an_in_place_add_is_the_value_it_returned(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = InPlaceResidual().eval(), torch.randn(1, 8, 8, 8)
+    path = tmp_path / "inplace.onnx"
+    export(model, (x,), path, exporter="dynamo")
+    report = compare(model, path, [x], per_layer=True)
+    layers = report.backends["ort-cpu"].layers
+    row = _rows(layers)["stochastic_depth"]
+    assert report.passed and layers.first_divergence is None, row.status_text
+    assert row.status == "pass" and row.alias_of is not None and "mul" in row.alias_of.lower(), row.reason
