@@ -6,7 +6,9 @@ modules).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,19 +213,23 @@ class _Context:
     tracked: dict[int, str]  # tensor id of a matched functional op's output -> its ONNX value
     fvalues: dict[int, str]  # functional call index -> its matched ONNX value
 
+    @functools.cached_property
+    def _writers(self) -> dict[int, list[tuple[int, int]]]:
+        """tensor id -> ``(after_call, index)`` of every functional call that returned it, in run order."""
+        out: dict[int, list[tuple[int, int]]] = {}
+        for k, f in enumerate(self.trace.functional):
+            out.setdefault(f.output_id, []).append((f.after_call, k))
+        return out
+
     def functional_before(self, tensor_id: int, before: int) -> int | None:
         """The last functional call that returned this tensor before module call ``before`` finished.
 
         Ids alone are not enough: an in-place op (``x += y``, ``Tensor.add_``) returns the tensor it was
         given, so a later functional call can carry the id of a module's output whose value it then changed.
         """
-        found = None
-        for k, f in enumerate(self.trace.functional):
-            if f.after_call > before:
-                break
-            if f.output_id == tensor_id:
-                found = k
-        return found
+        writers = self._writers.get(tensor_id, [])
+        at = bisect.bisect_right(writers, (before, len(self.trace.functional)))
+        return writers[at - 1][1] if at else None
 
     def value_of(self, tensor_id: int, matches: dict[tuple[int, int], _Match], before: int) -> str | None:
         t = self.trace
