@@ -176,6 +176,20 @@ def node_sites(node: onnx.NodeProto) -> list[tuple[str, int]]:
     return []
 
 
+def site_key(file: str) -> str:
+    """A source file as both sides can name it: the path inside its ``site-packages`` (or
+    ``dist-packages``) folder for installed code, else its last two path parts.
+
+    The export records absolute paths of the machine and environment it ran in; a model exported in
+    one virtualenv or checkout and compared from another must still pair its functional calls.
+    """
+    parts = Path(file).parts
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] in ("site-packages", "dist-packages"):
+            return "/".join(parts[i + 1 :])
+    return "/".join(parts[-2:])
+
+
 def _fx_node(node: onnx.NodeProto) -> tuple[str, str] | None:
     """``(fx node name, aten op)`` from the dynamo exporter's ``pkg.torch.onnx.fx_node`` record."""
     for prop in node.metadata_props:
@@ -211,13 +225,14 @@ def match_functional(
         sites = node_sites(node)
         if owner is None or fx is None or not sites:
             continue
-        entries = by_site.setdefault((owner, *sites[-1]), [])
+        file, line = sites[-1]
+        entries = by_site.setdefault((owner, site_key(file), line), [])
         if fx not in entries:
             entries.append(fx)
     found: dict[int, str] = {}
     cursor: dict[tuple[str, str, int], int] = {}
     for k, call in enumerate(calls):
-        key = (call.owner, call.file, call.line)
+        key = (call.owner, site_key(call.file), call.line)
         entries = by_site.get(key, [])
         start = cursor.get(key, 0)
         base = _base_op(call.op)

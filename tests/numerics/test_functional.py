@@ -19,6 +19,7 @@ from torch import nn
 from normfold.exporter import export
 from normfold.fusers import optimize
 from normfold.numerics import compare
+from normfold.numerics.functional import STACK_TRACE_KEY, site_key
 
 
 class Block(nn.Module):
@@ -120,3 +121,31 @@ def test_silu_fault_inside_a_block_names_the_op_not_the_next_conv(exported, tmp_
     onnx.save(proto, str(bad))
     first = compare(model, bad, [x], per_layer=True).backends["ort-cpu"].layers.first_divergence
     assert first is not None and first.name == f"block: F.silu @ test_functional.py:{_line('F.silu(')}"
+
+
+def test_functional_ops_pair_when_the_export_ran_from_another_checkout(exported, tmp_path: Path) -> None:
+    """The export records absolute source paths; a model exported in another venv or checkout (a CI
+    artifact) must still pair its functional ops by the path inside the project or site-packages."""
+    model, x, path = exported
+    here = str(Path(__file__).resolve().parent.parent.parent)
+    proto = onnx.load(str(path))
+    moved = 0
+    for node in proto.graph.node:
+        for prop in node.metadata_props:
+            if prop.key == STACK_TRACE_KEY and here in prop.value:
+                prop.value = prop.value.replace(here, "/elsewhere/checkout")
+                moved += 1
+    assert moved
+    onnx.save(proto, str(tmp_path / "moved.onnx"))
+    layers = compare(model, tmp_path / "moved.onnx", [x], per_layer=True).backends["ort-cpu"].layers
+    names = [row.name for row in layers.layers if row.kind == "functional"]
+    assert layers.passed and layers.counts["unmatched"] == 0
+    assert f"<root>: F.gelu @ test_functional.py:{_line('F.gelu(')}" in names, names
+
+
+def test_site_key_names_a_file_independent_of_where_it_was_installed() -> None:
+    a = "/work/a/.venv/lib/python3.11/site-packages/torchvision/models/convnext.py"
+    b = "/opt/conda/lib/python3.11/site-packages/torchvision/models/convnext.py"
+    assert site_key(a) == site_key(b) == "torchvision/models/convnext.py"
+    assert site_key("/home/u/proj/tests/model.py") == site_key("/ci/build/tests/model.py") == "tests/model.py"
+    assert site_key("/home/u/proj/a/model.py") != site_key("/home/u/proj/b/model.py")
